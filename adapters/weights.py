@@ -1,0 +1,80 @@
+"""In-memory compact adapter weights: A0/B0/Au/Bu per adapted module, never the dense A/B."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import LayerSpec, ProLoRAConfig
+
+TENSOR_NAMES = ("prolora_A0", "prolora_B0", "prolora_Au", "prolora_Bu")
+
+
+@dataclass
+class CompactLinearWeights:
+    """The compact tensors of one adapted linear layer (zero-size tensors where u = 0 or R = 0)."""
+
+    spec: LayerSpec
+    A0: torch.Tensor  # (R, cA)
+    B0: torch.Tensor  # (cB, R)
+    Au: torch.Tensor  # (u, h)
+    Bu: torch.Tensor  # (o, u)
+
+    def __post_init__(self) -> None:
+        for name, tensor in zip(TENSOR_NAMES, self.tensors()):
+            expected = self.spec.tensor_shapes()[name]
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {expected}")
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (self.A0, self.B0, self.Au, self.Bu)
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.tensors())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> "CompactLinearWeights":
+        moved = [t.to(device=device, dtype=dtype) for t in self.tensors()]
+        return CompactLinearWeights(self.spec, *moved)
+
+    @classmethod
+    def zeros(cls, spec: LayerSpec, dtype: torch.dtype = torch.float32) -> "CompactLinearWeights":
+        shapes = spec.tensor_shapes()
+        return cls(spec, *(torch.zeros(shapes[n], dtype=dtype) for n in TENSOR_NAMES))
+
+    @classmethod
+    def random(cls, spec: LayerSpec, generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float32, std: float = 1.0) -> "CompactLinearWeights":
+        """Random non-zero weights (B included), for tests and benchmarks."""
+        shapes = spec.tensor_shapes()
+        return cls(spec, *(torch.randn(shapes[n], generator=generator, dtype=dtype) * std
+                           for n in TENSOR_NAMES))
+
+
+@dataclass
+class CompactAdapter:
+    """A whole adapter: its config and the compact weights of every adapted module.
+
+    ``modules`` is keyed by the Hugging Face module path, e.g. ``model.layers.0.self_attn.q_proj``.
+    """
+
+    config: ProLoRAConfig
+    modules: dict[str, CompactLinearWeights] = field(default_factory=dict)
+
+    @property
+    def num_params(self) -> int:
+        return sum(w.num_params for w in self.modules.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.modules.values())
+
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> "CompactAdapter":
+        return CompactAdapter(self.config, {k: w.to(device, dtype) for k, w in self.modules.items()})

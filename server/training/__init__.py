@@ -1,0 +1,1 @@
+"""PRoLoRA / LoRA adapter training."""
