@@ -1,0 +1,30 @@
+"""Errors the engine raises to its callers; the API maps each class to one HTTP status."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error the engine reports about a request or itself."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue holds ``max_queue`` requests already (API: 429)."""
+
+
+class UnknownAdapterError(EngineError, KeyError):
+    """The adapter id is not in the registry (API: 404)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "unknown adapter"
+
+
+class AdapterTooLargeError(EngineError, ValueError):
+    """The adapter alone is bigger than the whole adapter cache budget (API: 400/413)."""
+
+
+class PromptTooLongError(EngineError, ValueError):
+    """The prompt can never fit the model length or the KV cache (API: 400)."""
+
+
+class EngineStoppedError(EngineError):
+    """The engine is shut down or its step loop is not running (API: 503)."""
