@@ -134,8 +134,13 @@ class ProLoRAConfig:
         return self.peft_type == PEFT_TYPE_LORA
 
     def targets(self, module_path: str) -> bool:
-        """Whether a module path such as ``model.layers.0.self_attn.q_proj`` is adapted."""
-        return module_path.rsplit(".", 1)[-1] in self.target_modules
+        """Whether a module path such as ``model.layers.0.self_attn.q_proj`` is adapted.
+
+        PEFT semantics: an entry matches the path exactly or as a dotted suffix
+        (``q_proj``, ``self_attn.q_proj`` or the full path).
+        """
+        return any(module_path == target or module_path.endswith("." + target)
+                   for target in self.target_modules)
 
     def _pattern_value(self, pattern: Mapping[str, Any], module_path: str) -> Any:
         # PEFT semantics: a key matches the module path exactly or as a dotted suffix.
