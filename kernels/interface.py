@@ -1,0 +1,64 @@
+"""The one interface the model calls: a backend chosen once, applied per adapted linear layer."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .metadata import AdapterBatch
+from .pool import AdapterWeightPool
+
+BACKEND_NAMES = ("auto", "torch", "triton", "reference")
+
+
+class AdapterBackend(Protocol):
+    name: str
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, pool: AdapterWeightPool, module_path: str,
+              batch: AdapterBatch) -> None:
+        """y[t] += scale_a * delta_a(x[t]) in place for every row t whose slot a targets the module."""
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> AdapterBackend:
+    """Pick the backend once: Triton on CUDA devices, the torch path on the CPU."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown adapter backend {name!r}; choose one of {BACKEND_NAMES}")
+    if name == "auto":
+        name = "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
+    if name == "triton":
+        from .triton_backend import TritonBackend
+        return TritonBackend()
+    if name == "reference":
+        from .reference import ReferenceBackend
+        return ReferenceBackend()
+    from .torch_backend import TorchBackend
+    return TorchBackend()
+
+
+class AdapterContext:
+    """What every adapted linear layer of a model shares: the pool, the backend, and the step."""
+
+    def __init__(self, pool: AdapterWeightPool, backend: AdapterBackend) -> None:
+        self.pool = pool
+        self.backend = backend
+        self.batch: AdapterBatch | None = None  # set by the engine before each forward
+
+    def apply(self, module_path: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add each row's adapter delta to the base output ``y`` (same leading dims as ``x``)."""
+        batch = self.batch
+        if batch is None or not batch.has_adapters:
+            return
+        x2d = x.reshape(-1, x.shape[-1])
+        y2d = y.view(-1, y.shape[-1])
+        if x2d.shape[0] != batch.num_rows:
+            raise ValueError(f"{module_path}: {x2d.shape[0]} rows but the step has {batch.num_rows}")
+        self.backend.apply(y2d, x2d, self.pool, module_path, batch)

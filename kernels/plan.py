@@ -1,0 +1,123 @@
+"""Per-module kernel plans: which rows go through which compact weights, and how.
+
+Rows of one adapter that are numerous (a prefill chunk, or one popular adapter) form a
+``Segment`` and use plain matmuls on that adapter's weights. The remaining rows are grouped by
+shape class (same h, o, r, u, m, n) into a ``GatheredGroup`` whose weights are stacked per row
+so a handful of batched matmuls serve every adapter at once (decode with distinct adapters).
+Classes keep their own exact shapes, so a large rank never pads a small one.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..adapters.config import LayerSpec
+from ..adapters.weights import CompactLinearWeights
+from .metadata import AdapterBatch
+from .pool import AdapterWeightPool
+
+SEGMENT_MIN_ROWS = 8  # below this, gathering the weights per row beats a per-adapter matmul
+PLAN_CACHE_SIGNATURES = 4  # distinct step layouts whose plans are kept (prefill/decode alternate)
+
+
+@dataclass(frozen=True)
+class RotationTables:
+    """0/1 matrices that perform the gather-rotations of DESIGN.md s2 as tiny matmuls."""
+
+    fold_a: torch.Tensor  # (m*R, R): z = Y.reshape(T, m*R) @ fold_a, z[k] = sum_i Y[i, (k+i*sA) % R]
+    unfold_b: torch.Tensor  # (R, n*R): Z.reshape(T, n*R) = z @ unfold_b, Z[i, k] = z[(k-i*sB) % R]
+
+
+@lru_cache(maxsize=256)
+def rotation_tables(spec_key: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> RotationTables:
+    _h, _o, r, u, m, n = spec_key
+    shared = r - u
+    stride_a, stride_b = max(shared // m, 1), max(shared // n, 1)
+    fold = torch.zeros(m * shared, shared, dtype=dtype)
+    unfold = torch.zeros(shared, n * shared, dtype=dtype)
+    for k in range(shared):
+        for i in range(m):
+            fold[i * shared + (k + i * stride_a) % shared, k] = 1
+        for i in range(n):
+            unfold[(k - i * stride_b) % shared, i * shared + k] = 1
+    return RotationTables(fold.to(device), unfold.to(device))
+
+
+@dataclass(frozen=True)
+class Segment:
+    rows: torch.Tensor | None  # (N,) int64 row indices; None = every row of the step, in order
+    weights: CompactLinearWeights
+    tables: RotationTables
+
+
+@dataclass(frozen=True)
+class GatheredGroup:
+    spec: LayerSpec  # shape class shared by the group (alpha is per row, in `scales`)
+    rows: torch.Tensor | None  # (G,) int64 ascending; None = every row of the step, in order
+    A0: torch.Tensor  # (G, R, cA)
+    B0: torch.Tensor  # (G, cB, R)
+    Au: torch.Tensor  # (G, u, h)
+    Bu: torch.Tensor  # (G, o, u)
+    scales: torch.Tensor  # (G, 1)
+    tables: RotationTables
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    segments: tuple[Segment, ...]
+    groups: tuple[GatheredGroup, ...]
+
+
+def _rows_or_all(rows: torch.Tensor, num_rows: int) -> torch.Tensor | None:
+    return None if rows.numel() == num_rows else rows
+
+
+def _gathered_group(entries: list[tuple[int, CompactLinearWeights]], num_rows: int) -> GatheredGroup:
+    entries.sort(key=lambda pair: pair[0])
+    weights = [w for _, w in entries]
+    first = weights[0]
+    rows = torch.tensor([row for row, _ in entries], dtype=torch.int64, device=first.A0.device)
+    scales = torch.tensor([[w.spec.scale] for w in weights], dtype=first.A0.dtype, device=first.A0.device)
+    stacks = [torch.stack([getattr(w, name) for w in weights]) for name in ("A0", "B0", "Au", "Bu")]
+    tables = rotation_tables(first.spec.shape_key, first.A0.dtype, first.A0.device)
+    return GatheredGroup(first.spec, _rows_or_all(rows, num_rows), *stacks, scales, tables)
+
+
+def build_module_plan(weights: dict[int, CompactLinearWeights], batch: AdapterBatch) -> ModulePlan:
+    """Split the step's rows for one module into segments and gathered groups (pure function)."""
+    segments: list[Segment] = []
+    classes: dict[tuple[int, ...], list[tuple[int, CompactLinearWeights]]] = {}
+    for slot, rows in zip(batch.slots, batch.slot_rows):
+        entry = weights.get(slot)
+        if entry is None:
+            continue
+        if rows.numel() >= SEGMENT_MIN_ROWS:
+            tables = rotation_tables(entry.spec.shape_key, entry.A0.dtype, entry.A0.device)
+            segments.append(Segment(_rows_or_all(rows, batch.num_rows), entry, tables))
+        else:
+            classes.setdefault(entry.spec.shape_key, []).extend((row, entry) for row in rows.tolist())
+    groups = tuple(_gathered_group(entries, batch.num_rows) for entries in classes.values())
+    return ModulePlan(tuple(segments), groups)
+
+
+def cached_module_plan(pool: AdapterWeightPool, module_path: str, batch: AdapterBatch) -> ModulePlan | None:
+    """The plan for this module and step, reused while the step layout and pool are unchanged."""
+    weights = pool.module(module_path)
+    if weights is None:
+        return None
+    cache: OrderedDict = pool.plan_cache.setdefault("plans", OrderedDict())
+    plans = cache.get(batch.signature)
+    if plans is None:
+        plans = cache[batch.signature] = {}
+        while len(cache) > PLAN_CACHE_SIGNATURES:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(batch.signature)
+    plan = plans.get(module_path)
+    if plan is None:
+        plan = plans[module_path] = build_module_plan(weights, batch)
+    return plan

@@ -1,0 +1,71 @@
+"""Device-resident compact weights of the resident adapters, indexed by slot and module.
+
+Each adapter keeps its own exact-size tensors (A0/B0/Au/Bu), so resident bytes equal the
+compact parameter bytes: nothing is padded to a common rank and nothing is materialized.
+The kernels gather from here per step (``plans``), and the gathered stacks are reused while
+the step's row-to-slot assignment stays the same (steady decode).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from ..adapters.weights import CompactAdapter, CompactLinearWeights
+
+
+class AdapterWeightPool:
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._adapters: dict[int, CompactAdapter] = {}
+        self._modules: dict[str, dict[int, CompactLinearWeights]] = {}
+        self._lock = threading.Lock()
+        self.version = 0  # bumped on every load/unload; cached plans keyed on it
+        self.plan_cache: dict = {}
+
+    def load(self, slot: int, adapter: CompactAdapter) -> None:
+        """Copy an adapter's compact weights to the device into ``slot`` (which must be free)."""
+        if slot < 0:
+            raise ValueError(f"slot must be >= 0, got {slot}")
+        resident = adapter.to(self.device, self.dtype)
+        with self._lock:
+            if slot in self._adapters:
+                raise ValueError(f"slot {slot} is already occupied")
+            self._adapters[slot] = resident
+            for path, weights in resident.modules.items():
+                self._modules.setdefault(path, {})[slot] = weights
+            self._invalidate()
+
+    def unload(self, slot: int) -> None:
+        with self._lock:
+            adapter = self._adapters.pop(slot)
+            for path in adapter.modules:
+                entries = self._modules[path]
+                del entries[slot]
+                if not entries:
+                    del self._modules[path]
+            self._invalidate()
+
+    def _invalidate(self) -> None:
+        self.version += 1
+        self.plan_cache = {}
+
+    def module(self, module_path: str) -> dict[int, CompactLinearWeights] | None:
+        """Slot -> weights of every resident adapter that targets ``module_path``."""
+        return self._modules.get(module_path)
+
+    def slot_nbytes(self, slot: int) -> int:
+        return self._adapters[slot].nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._adapters.values())
+
+    @property
+    def slots(self) -> set[int]:
+        return set(self._adapters)
+
+    def __contains__(self, slot: int) -> bool:
+        return slot in self._adapters
