@@ -184,7 +184,7 @@ def adapters_that_fit(memory_bytes: int, per_adapter_bytes: int) -> int:
     return max(int(memory_bytes), 0) // per_adapter_bytes
 
 
-def _linear_weight_bytes(num_weights: int, out_features: int, weight_dtype: str) -> int:
+def linear_weight_bytes(num_weights: int, out_features: int, weight_dtype: str) -> int:
     if weight_dtype == "nf4":  # two 4-bit codes per byte + a float32 absmax per block
         return -(-num_weights // 2) + 4 * -(-num_weights // NF4_BLOCK)
     if weight_dtype == "int8":  # LLM.int8: int8 codes + a float32 scale per output row
@@ -211,7 +211,7 @@ def base_model_num_params(shape: ModelShape) -> int:
 def base_model_nbytes(shape: ModelShape, weight_dtype: str = "nf4") -> int:
     """Weight bytes of the base: linears in ``weight_dtype`` (nf4 = blocksize 64, float32
     absmax, no double quantization), the rest in 16 bits (32 for fp32)."""
-    per_layer = sum(_linear_weight_bytes(h * o, o, weight_dtype)
+    per_layer = sum(linear_weight_bytes(h * o, o, weight_dtype)
                     for h, o in shape.projection_shapes().values())
     rest_bytes = 4 if weight_dtype == "fp32" else 2
     return per_layer * shape.num_hidden_layers + rest_bytes * _unquantized_params(shape)
