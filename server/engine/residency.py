@@ -1,0 +1,268 @@
+"""Which adapters are resident on the device: slots, a byte budget with LRU eviction, refcounts.
+
+Reading an adapter from disk happens on one background loader thread, so a miss never stalls
+the step loop: the scheduler asks ``acquire`` every step and admits the request once the
+weights have arrived and there is room. Every change to the device pool (``pool.load`` /
+``pool.unload``) happens on the step thread, between forwards, so a forward never sees the
+pool change under it. Other threads (the API) only ``prepare``, ``forget`` and read stats.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ...adapters.weights import CompactAdapter
+from ...kernels import AdapterWeightPool
+from .errors import AdapterTooLargeError, UnknownAdapterError
+
+
+class AdapterSource(Protocol):
+    """Where adapters come from (the on-disk registry implements it)."""
+
+    def load_adapter(self, adapter_id: str) -> CompactAdapter:
+        """The adapter's compact weights on the CPU; raises UnknownAdapterError."""
+
+    def has_adapter(self, adapter_id: str) -> bool: ...
+
+
+@dataclass
+class ResidentAdapterInfo:
+    adapter_id: str
+    nbytes: int
+    num_params: int
+    last_used: float  # unix time
+    in_use: int  # running requests holding it
+    config: dict[str, Any]
+
+
+@dataclass
+class AdapterCacheStats:
+    budget_bytes: int
+    used_bytes: int
+    num_resident: int
+    num_loading: int
+    hits: int
+    misses: int
+    loads: int
+    evictions: int
+
+
+@dataclass(eq=False)
+class _Resident:
+    adapter_id: str
+    slot: int
+    nbytes: int
+    num_params: int
+    config: dict[str, Any]
+    refcount: int = 0
+    last_used: float = field(default_factory=time.time)
+    retired: bool = False  # forgotten: freed as soon as nobody uses it
+
+
+class AdapterCache:
+    def __init__(self, pool: AdapterWeightPool, budget_bytes: int, source: AdapterSource) -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"adapter budget must be >= 0 bytes, got {budget_bytes}")
+        self.pool = pool
+        self.budget_bytes = int(budget_bytes)
+        self.source = source
+        self.hits = self.misses = self.loads = self.evictions = 0
+        self._lru: OrderedDict[str, _Resident] = OrderedDict()  # live entries, least recent first
+        self._by_slot: dict[int, _Resident] = {}  # live and retired entries
+        self._loading: dict[str, Future[CompactAdapter]] = {}
+        self._staged: OrderedDict[str, CompactAdapter] = OrderedDict()  # read, waiting for room
+        self._lock = threading.RLock()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
+        self._element_size = torch.empty((), dtype=pool.dtype).element_size()
+
+    # --- sizes -------------------------------------------------------------------------
+    def resident_nbytes(self, adapter: CompactAdapter) -> int:
+        """Bytes the adapter takes in the pool: its compact parameters at the pool dtype."""
+        return adapter.num_params * self._element_size
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._by_slot.values())
+
+    # --- loading (background) -----------------------------------------------------------
+    def _start_load(self, adapter_id: str) -> Future[CompactAdapter]:
+        future = self._loading.get(adapter_id)
+        if future is None:
+            future = self._executor.submit(self.source.load_adapter, adapter_id)
+            self._loading[adapter_id] = future
+        return future
+
+    def prepare(self, adapter_id: str) -> Future[int]:
+        """Start reading the adapter in the background; the future gives its resident bytes
+        or raises UnknownAdapterError / AdapterTooLargeError / a format error."""
+        result: Future[int] = Future()
+        with self._lock:
+            entry = self._lru.get(adapter_id)
+            if entry is not None:
+                result.set_result(entry.nbytes)
+                return result
+            staged = self._staged.get(adapter_id)
+            load = self._start_load(adapter_id) if staged is None else None
+        if staged is not None:
+            self._settle(result, adapter_id, staged, None)
+        else:
+            load.add_done_callback(lambda f: self._settle(result, adapter_id, None, f))
+        return result
+
+    def _settle(self, result: Future[int], adapter_id: str, adapter: CompactAdapter | None,
+                load: Future[CompactAdapter] | None) -> None:
+        try:
+            adapter = adapter if load is None else load.result()
+            result.set_result(self._check_fits(adapter_id, adapter))
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting caller
+            result.set_exception(err)
+
+    def _check_fits(self, adapter_id: str, adapter: CompactAdapter) -> int:
+        nbytes = self.resident_nbytes(adapter)
+        if nbytes > self.budget_bytes:
+            raise AdapterTooLargeError(
+                f"adapter {adapter_id!r} needs {nbytes} bytes, more than the whole adapter "
+                f"cache budget of {self.budget_bytes} bytes")
+        return nbytes
+
+    def _take_loaded(self, adapter_id: str) -> CompactAdapter | None:
+        """The adapter's CPU weights if read already; raises the load's error if it failed."""
+        staged = self._staged.pop(adapter_id, None)
+        if staged is not None:
+            return staged
+        future = self._loading.get(adapter_id)
+        if future is None or not future.done():
+            return None
+        del self._loading[adapter_id]
+        return future.result()
+
+    def _stage(self, adapter_id: str, adapter: CompactAdapter) -> None:
+        """Keep read weights until there is room; CPU staging is bounded by the budget too."""
+        self._staged[adapter_id] = adapter
+        staged_bytes = sum(self.resident_nbytes(a) for a in self._staged.values())
+        while len(self._staged) > 1 and staged_bytes > self.budget_bytes:
+            _, dropped = self._staged.popitem(last=False)  # read again when its turn comes
+            staged_bytes -= self.resident_nbytes(dropped)
+
+    # --- the step thread ----------------------------------------------------------------
+    def acquire(self, adapter_id: str, first_lookup: bool = True) -> int | None:
+        """The adapter's slot with a reference taken, or None while it is loading or while
+        the budget is full of adapters in use (the caller retries next step)."""
+        with self._lock:
+            entry = self._lru.get(adapter_id)
+            if entry is not None:
+                self.hits += first_lookup
+                return self._take_reference(entry)
+            self.misses += first_lookup
+            adapter = self._take_loaded(adapter_id)
+            if adapter is None:
+                self._start_load(adapter_id)
+                return None
+            return self._install(adapter_id, adapter)
+
+    def _install(self, adapter_id: str, adapter: CompactAdapter) -> int | None:
+        nbytes = self._check_fits(adapter_id, adapter)
+        if not self._make_room(nbytes):
+            self._stage(adapter_id, adapter)
+            return None
+        slot = self._free_slot()
+        self.pool.load(slot, adapter)
+        self.loads += 1
+        entry = _Resident(adapter_id, slot, self.pool.slot_nbytes(slot), adapter.num_params,
+                          adapter.config.to_json_dict())
+        self._lru[adapter_id] = entry
+        self._by_slot[slot] = entry
+        return self._take_reference(entry)
+
+    def _take_reference(self, entry: _Resident) -> int:
+        entry.refcount += 1
+        entry.last_used = time.time()
+        self._lru.move_to_end(entry.adapter_id)
+        return entry.slot
+
+    def _free_slot(self) -> int:
+        slot = 0
+        while slot in self._by_slot:
+            slot += 1
+        return slot
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Evict least recently used idle adapters until ``nbytes`` fit; evict nothing if
+        they cannot fit even then."""
+        used = sum(e.nbytes for e in self._by_slot.values())
+        idle = [e for e in self._lru.values() if e.refcount == 0]
+        if used + nbytes - sum(e.nbytes for e in idle) > self.budget_bytes:
+            return False
+        for victim in idle:
+            if used + nbytes <= self.budget_bytes:
+                break
+            used -= victim.nbytes
+            self._unload(victim)
+            self.evictions += 1
+        return True
+
+    def _unload(self, entry: _Resident) -> None:
+        self.pool.unload(entry.slot)
+        del self._by_slot[entry.slot]
+        if self._lru.get(entry.adapter_id) is entry:
+            del self._lru[entry.adapter_id]
+
+    def release(self, slot: int) -> None:
+        """Drop one reference (a request finished, was aborted or preempted)."""
+        with self._lock:
+            entry = self._by_slot[slot]
+            if entry.refcount <= 0:
+                raise RuntimeError(f"adapter slot {slot} released more often than acquired")
+            entry.refcount -= 1
+            entry.last_used = time.time()
+            if entry.retired and entry.refcount == 0:
+                self._unload(entry)
+
+    def collect(self) -> None:
+        """Free forgotten adapters nobody uses any more (called by the step thread)."""
+        with self._lock:
+            for entry in [e for e in self._by_slot.values() if e.retired and e.refcount == 0]:
+                self._unload(entry)
+
+    # --- any thread -----------------------------------------------------------------------
+    def forget(self, adapter_id: str) -> None:
+        """The registry deleted it: requests using it finish, then its weights are freed; the
+        id is free again (a re-upload loads the new weights)."""
+        with self._lock:
+            self._loading.pop(adapter_id, None)
+            self._staged.pop(adapter_id, None)
+            entry = self._lru.pop(adapter_id, None)
+            if entry is not None:
+                entry.retired = True
+
+    @property
+    def needs_collect(self) -> bool:
+        with self._lock:
+            return any(e.retired and e.refcount == 0 for e in self._by_slot.values())
+
+    def is_resident(self, adapter_id: str) -> bool:
+        with self._lock:
+            return adapter_id in self._lru
+
+    def resident(self) -> list[ResidentAdapterInfo]:
+        with self._lock:
+            return [ResidentAdapterInfo(e.adapter_id, e.nbytes, e.num_params, e.last_used,
+                                        e.refcount, dict(e.config))
+                    for e in self._by_slot.values() if not (e.retired and e.refcount == 0)]
+
+    def stats(self) -> AdapterCacheStats:
+        with self._lock:
+            return AdapterCacheStats(self.budget_bytes, self.used_bytes, len(self._by_slot),
+                                     len(self._loading), self.hits, self.misses, self.loads,
+                                     self.evictions)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
