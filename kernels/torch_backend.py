@@ -34,7 +34,7 @@ def _shared_rows(x: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, spec, tabl
     return out.reshape(rows, -1)[:, : spec.out_features]
 
 
-def _segment_delta(x: torch.Tensor, segment: Segment) -> torch.Tensor:
+def segment_delta(x: torch.Tensor, segment: Segment) -> torch.Tensor:
     w, spec = segment.weights, segment.weights.spec
     out = x.new_zeros(x.shape[0], spec.out_features)
     if spec.shared_r:
@@ -55,7 +55,7 @@ def _group_delta(x: torch.Tensor, group: GatheredGroup) -> torch.Tensor:
     return out * group.scales
 
 
-def _accumulate(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None, delta_fn, part) -> None:
+def accumulate_rows(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None, delta_fn, part) -> None:
     if rows is None:
         y += delta_fn(x, part).to(y.dtype)
     else:
@@ -72,6 +72,6 @@ class TorchBackend:
             return
         x = x.to(pool.dtype)
         for segment in plan.segments:
-            _accumulate(y, x, segment.rows, _segment_delta, segment)
+            accumulate_rows(y, x, segment.rows, segment_delta, segment)
         for group in plan.groups:
-            _accumulate(y, x, group.rows, _group_delta, group)
+            accumulate_rows(y, x, group.rows, _group_delta, group)

@@ -1,0 +1,118 @@
+"""The GPU path: Triton kernels for gathered groups (decode: one program per row), torch
+matmuls (cuBLAS) for large per-adapter segments. Checked on the CPU with TRITON_INTERPRET=1.
+
+Semantics of the two kernels, for row g of a gathered group (weights already stacked per row):
+    shrink:  z[g, k]  = sum_i sum_j x[g, i*cA + j] * A0[g, (k + i*sA) % R, j]    (k < R)
+             su[g, q] = sum_c Au[g, q, c] * x[g, c]                              (q < u)
+    expand:  out[g, i*cB + j] = scale[g] * ( sum_k B0[g, j, (k + i*sB) % R] * z[g, k]
+                                            + sum_q Bu[g, i*cB + j, q] * su[g, q] )  (i*cB+j < o)
+    shapes:  x (G, h), A0 (G, R, cA), B0 (G, cB, R), Au (G, u, h), Bu (G, o, u), scale (G, 1)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .metadata import AdapterBatch
+from .plan import GatheredGroup, cached_module_plan
+from .pool import AdapterWeightPool
+from .torch_backend import accumulate_rows, segment_delta
+
+BLOCK_J = 32
+BLOCK_O = 64
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, a0_ptr, au_ptr, z_ptr, su_ptr, h, R, cA, m, sA, u,
+                   HAS_SHARED: tl.constexpr, HAS_UNSHARED: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_J: tl.constexpr):
+    g = tl.program_id(0)
+    offs_j = tl.arange(0, BLOCK_J)
+    if HAS_SHARED:
+        offs_k = tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for i in range(0, m):
+            source_row = (offs_k + i * sA) % R
+            for j0 in range(0, cA, BLOCK_J):
+                cols = j0 + offs_j
+                xv = tl.load(x_ptr + g * h + i * cA + cols, mask=(cols < cA) & (i * cA + cols < h), other=0.0)
+                a = tl.load(a0_ptr + g * R * cA + source_row[:, None] * cA + cols[None, :],
+                            mask=(offs_k[:, None] < R) & (cols[None, :] < cA), other=0.0)
+                acc += tl.sum(a.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
+        tl.store(z_ptr + g * R + offs_k, acc, mask=offs_k < R)
+    if HAS_UNSHARED:
+        offs_q = tl.arange(0, BLOCK_U)
+        acc_u = tl.zeros((BLOCK_U,), dtype=tl.float32)
+        for c0 in range(0, h, BLOCK_J):
+            cols = c0 + offs_j
+            xv = tl.load(x_ptr + g * h + cols, mask=cols < h, other=0.0)
+            a = tl.load(au_ptr + g * u * h + offs_q[:, None] * h + cols[None, :],
+                        mask=(offs_q[:, None] < u) & (cols[None, :] < h), other=0.0)
+            acc_u += tl.sum(a.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
+        tl.store(su_ptr + g * u + offs_q, acc_u, mask=offs_q < u)
+
+
+@triton.jit
+def _expand_kernel(z_ptr, su_ptr, b0_ptr, bu_ptr, scale_ptr, out_ptr, o, R, cB, sB, u,
+                   HAS_SHARED: tl.constexpr, HAS_UNSHARED: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_O: tl.constexpr):
+    g = tl.program_id(0)
+    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    valid_o = offs_o < o
+    acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    if HAS_SHARED:
+        offs_k = tl.arange(0, BLOCK_R)
+        chunk = offs_o // cB
+        within = offs_o % cB
+        source_col = (offs_k[None, :] + chunk[:, None] * sB) % R
+        b = tl.load(b0_ptr + g * cB * R + within[:, None] * R + source_col,
+                    mask=valid_o[:, None] & (offs_k[None, :] < R), other=0.0)
+        zv = tl.load(z_ptr + g * R + offs_k, mask=offs_k < R, other=0.0)
+        acc += tl.sum(b.to(tl.float32) * zv[None, :], axis=1)
+    if HAS_UNSHARED:
+        offs_q = tl.arange(0, BLOCK_U)
+        bu = tl.load(bu_ptr + g * o * u + offs_o[:, None] * u + offs_q[None, :],
+                     mask=valid_o[:, None] & (offs_q[None, :] < u), other=0.0)
+        sv = tl.load(su_ptr + g * u + offs_q, mask=offs_q < u, other=0.0)
+        acc += tl.sum(bu.to(tl.float32) * sv[None, :], axis=1)
+    scale = tl.load(scale_ptr + g)
+    tl.store(out_ptr + g * o + offs_o, acc * scale.to(tl.float32), mask=valid_o)
+
+
+def _next_pow2(value: int) -> int:
+    return max(triton.next_power_of_2(max(value, 1)), 2)
+
+
+def gathered_delta(x: torch.Tensor, group: GatheredGroup) -> torch.Tensor:
+    """Delta (G, o) in float32 for the rows x (G, h) of a gathered group."""
+    spec = group.spec
+    rows, shared, unshared = x.shape[0], spec.shared_r, spec.unshared_r
+    x = x.contiguous()
+    z = torch.empty(rows, max(shared, 1), dtype=torch.float32, device=x.device)
+    su = torch.empty(rows, max(unshared, 1), dtype=torch.float32, device=x.device)
+    out = torch.empty(rows, spec.out_features, dtype=torch.float32, device=x.device)
+    flags = dict(HAS_SHARED=shared > 0, HAS_UNSHARED=unshared > 0,
+                 BLOCK_R=_next_pow2(shared), BLOCK_U=_next_pow2(unshared))
+    _shrink_kernel[(rows,)](x, group.A0, group.Au, z, su, spec.in_features, shared, spec.chunk_a,
+                            spec.reduce_a, spec.stride_a, unshared, BLOCK_J=BLOCK_J, **flags)
+    grid = (rows, triton.cdiv(spec.out_features, BLOCK_O))
+    _expand_kernel[grid](z, su, group.B0, group.Bu, group.scales, out, spec.out_features, shared,
+                         spec.chunk_b, spec.stride_b, unshared, BLOCK_O=BLOCK_O, **flags)
+    return out
+
+
+class TritonBackend:
+    name = "triton"
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, pool: AdapterWeightPool, module_path: str,
+              batch: AdapterBatch) -> None:
+        plan = cached_module_plan(pool, module_path, batch)
+        if plan is None:
+            return
+        x = x.to(pool.dtype)
+        for segment in plan.segments:
+            accumulate_rows(y, x, segment.rows, segment_delta, segment)
+        for group in plan.groups:
+            accumulate_rows(y, x, group.rows, gathered_delta, group)
