@@ -1,0 +1,180 @@
+"""Adapter files: read, validate and write the two on-disk forms (and in-memory uploads).
+
+Forms (both load and save):
+- a directory with ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT-like);
+- one ``.safetensors`` file whose metadata key ``adapter_config`` holds the same JSON.
+
+PRoLoRA and plain PEFT LoRA files both load, the latter as PRoLoRA with u = r. Pickle
+checkpoints (``.bin``/``.pt``/...) are never loaded: unpickling runs arbitrary code.
+Key names and the per-tensor checks live in ``state_dict``; PEFT config fields in
+``peft_config``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import safetensors.torch
+import torch
+
+from .config import AdapterConfigError
+from .errors import AdapterFormatError
+from .peft_config import config_to_json, is_lora_config, parse_config
+from .state_dict import LinearShapes, adapter_from_state_dict, adapter_to_state_dict, module_paths
+from .weights import CompactAdapter
+
+__all__ = ["AdapterFormatError", "AdapterConfigError", "CONFIG_NAME", "WEIGHTS_NAME",
+           "METADATA_KEY", "load_adapter", "load_adapter_bytes", "save_adapter",
+           "adapter_to_bytes", "write_adapter_files"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+METADATA_KEY = "adapter_config"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_PICKLE_HINT = ("pickle checkpoints are refused (loading them can run arbitrary code); convert "
+                "to safetensors, e.g. safetensors.torch.save_file(torch.load(path), "
+                f"'{WEIGHTS_NAME}') in a trusted environment")
+
+
+def load_adapter(path: str | Path, linear_shapes: LinearShapes | None = None) -> CompactAdapter:
+    """Load and fully validate an adapter directory or single ``.safetensors`` file."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise AdapterFormatError(f"{path}: {_PICKLE_HINT}")
+    if path.is_dir():
+        return _load_directory(path, linear_shapes)
+    if not path.is_file():
+        raise AdapterFormatError(f"{path}: no such adapter file or directory")
+    return load_adapter_bytes(None, _read_bytes(path), linear_shapes, source=str(path))
+
+
+def load_adapter_bytes(config_json: bytes | str | None, weights: bytes,
+                       linear_shapes: LinearShapes | None = None,
+                       source: str = "uploaded adapter") -> CompactAdapter:
+    """Load an adapter from memory (HTTP uploads); never touches the disk.
+
+    With ``config_json`` None the weights must be the single-file form (config in metadata).
+    """
+    tensors, metadata = _read_safetensors(weights, source)
+    if config_json is None:
+        raw = _config_from_metadata(metadata, source)
+    else:
+        raw = _parse_json(config_json, f"{source}: {CONFIG_NAME}")
+    return _build(raw, tensors, linear_shapes, source)
+
+
+def save_adapter(adapter: CompactAdapter, path: str | Path, single_file: bool = False) -> None:
+    """Write the directory form (default) or one ``.safetensors`` file; files replace atomically."""
+    write_adapter_files(path, adapter_to_state_dict(adapter), config_to_json(adapter.config),
+                        single_file)
+
+
+def adapter_to_bytes(adapter: CompactAdapter) -> bytes:
+    """The single-file form in memory (config JSON in the safetensors metadata)."""
+    return _single_file_bytes(adapter_to_state_dict(adapter), config_to_json(adapter.config))
+
+
+def write_adapter_files(path: str | Path, tensors: dict[str, torch.Tensor],
+                        config: Mapping[str, Any], single_file: bool = False) -> None:
+    """Write already-keyed tensors and a config dict in either form."""
+    path = Path(path)
+    if single_file:
+        if path.is_dir():
+            raise AdapterFormatError(f"{path}: is a directory; expected a file path for single_file")
+        atomic_write(path, _single_file_bytes(tensors, config))
+        return
+    if path.exists() and not path.is_dir():
+        raise AdapterFormatError(f"{path}: exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / WEIGHTS_NAME, safetensors.torch.save(tensors, metadata={"format": "pt"}))
+    atomic_write(path / CONFIG_NAME, _config_text(config).encode())
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write beside the target and rename: a crash never leaves a half-written file."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temp.write_bytes(data)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _single_file_bytes(tensors: dict[str, torch.Tensor], config: Mapping[str, Any]) -> bytes:
+    metadata = {"format": "pt", METADATA_KEY: _config_text(config)}
+    return safetensors.torch.save(tensors, metadata=metadata)
+
+
+def _config_text(config: Mapping[str, Any]) -> str:
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def _load_directory(path: Path, linear_shapes: LinearShapes | None) -> CompactAdapter:
+    weights_path = path / WEIGHTS_NAME
+    if not weights_path.is_file():
+        pickles = [p.name for p in sorted(path.iterdir()) if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles:
+            raise AdapterFormatError(f"{path}: has {pickles[0]} but no {WEIGHTS_NAME}; {_PICKLE_HINT}")
+        raise AdapterFormatError(f"{path}: missing {WEIGHTS_NAME}")
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterFormatError(f"{path}: missing {CONFIG_NAME}")
+    tensors, _ = _read_safetensors(_read_bytes(weights_path), str(weights_path))
+    raw = _parse_json(_read_bytes(config_path), str(config_path))
+    return _build(raw, tensors, linear_shapes, str(path))
+
+
+def _build(raw: Any, tensors: dict[str, torch.Tensor], linear_shapes: LinearShapes | None,
+           source: str) -> CompactAdapter:
+    """Config + tensors -> validated adapter; errors keep their type and gain the source."""
+    try:
+        lora = isinstance(raw, Mapping) and is_lora_config(raw)
+        config = parse_config(raw, module_paths(list(tensors), lora))
+        return adapter_from_state_dict(config, tensors, linear_shapes)
+    except (AdapterFormatError, AdapterConfigError) as err:
+        raise type(err)(f"{source}: {err}") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise AdapterFormatError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def _read_safetensors(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    metadata = _safetensors_metadata(data, source)
+    try:
+        return safetensors.torch.load(bytes(data)), metadata
+    except Exception as err:  # SafetensorError has no stable import path across versions
+        raise AdapterFormatError(f"{source}: corrupt or truncated safetensors data ({err})") from None
+
+
+def _safetensors_metadata(data: bytes, source: str) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors header (8-byte little-endian length + JSON)."""
+    if len(data) < 8:
+        raise AdapterFormatError(f"{source}: not a safetensors file (only {len(data)} bytes)")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        raise AdapterFormatError(f"{source}: corrupt or truncated safetensors data (header of "
+                                 f"{header_len} bytes in a {len(data)}-byte file)")
+    header = _parse_json(data[8:8 + header_len], f"{source}: safetensors header")
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _config_from_metadata(metadata: Mapping[str, str], source: str) -> Any:
+    if METADATA_KEY not in metadata:
+        raise AdapterFormatError(f"{source}: single-file adapter has no {METADATA_KEY!r} key in "
+                                 "its safetensors metadata (or upload the config separately)")
+    return _parse_json(metadata[METADATA_KEY], f"{source}: metadata {METADATA_KEY!r}")
+
+
+def _parse_json(text: bytes | str, source: str) -> Any:
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFormatError(f"{source}: invalid JSON ({err})") from None
