@@ -28,7 +28,7 @@ serve: $(STAMP)
 	$(VENV)/bin/prolora-serve serve $(SERVE_ARGS)
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q -ra
+	$(VENV)/bin/pytest -q -ra
 
 clean-env:
 	rm -rf $(VENV)
