@@ -78,3 +78,14 @@ class CompactAdapter:
     def to(self, device: torch.device | str | None = None,
            dtype: torch.dtype | None = None) -> "CompactAdapter":
         return CompactAdapter(self.config, {k: w.to(device, dtype) for k, w in self.modules.items()})
+
+    @classmethod
+    def random(cls, config: ProLoRAConfig, linear_shapes: dict[str, tuple[int, int]],
+               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+               std: float = 1.0) -> "CompactAdapter":
+        """Random non-zero weights on every targeted module of ``linear_shapes`` (path -> (in, out)),
+        for tests and benchmarks."""
+        modules = {path: CompactLinearWeights.random(config.layer_spec(path, h, o), generator,
+                                                     dtype, std)
+                   for path, (h, o) in linear_shapes.items() if config.targets(path)}
+        return cls(config, modules)
