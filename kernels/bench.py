@@ -100,7 +100,7 @@ def print_table(results: list[Result]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--backend", default="auto")
     parser.add_argument("--batch-sizes", default="1,4,16,32,64")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--models", default=",".join(LAYER_SHAPES))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import torch
@@ -9,7 +10,8 @@ import torch
 from .metadata import AdapterBatch
 from .pool import AdapterWeightPool
 
-BACKEND_NAMES = ("auto", "torch", "triton", "reference")
+BACKEND_NAMES = ("auto", "cpu", "torch", "triton", "reference")
+log = logging.getLogger(__name__)
 
 
 class AdapterBackend(Protocol):
@@ -29,11 +31,25 @@ def triton_available() -> bool:
 
 
 def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> AdapterBackend:
-    """Pick the backend once: Triton on CUDA devices, the torch path on the CPU."""
+    """Pick the backend once: Triton on CUDA devices, the fused C++ path on the CPU (falling
+    back to the pure torch path where no compiler is available)."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown adapter backend {name!r}; choose one of {BACKEND_NAMES}")
+    if name == "auto" and torch.device(device).type == "cuda":
+        name = "triton" if triton_available() else "torch"
     if name == "auto":
-        name = "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
+        try:
+            return _make_backend("cpu")
+        except Exception as err:  # no compiler / headers: the torch path computes the same
+            log.warning("fused CPU adapter kernel unavailable (%s); using the torch backend", err)
+            name = "torch"
+    return _make_backend(name)
+
+
+def _make_backend(name: str) -> AdapterBackend:
+    if name == "cpu":
+        from .cpu_backend import CpuBackend
+        return CpuBackend()
     if name == "triton":
         from .triton_backend import TritonBackend
         return TritonBackend()

@@ -56,14 +56,18 @@ def pool() -> AdapterWeightPool:
     return pool
 
 
-def run_both(pool: AdapterWeightPool, slots: list[int], module: str, dtype: torch.dtype = torch.float32):
+FAST_BACKENDS = ["torch", "cpu"]
+
+
+def run_both(pool: AdapterWeightPool, slots: list[int], module: str, dtype: torch.dtype = torch.float32,
+             backend: str = "torch"):
     h, o = MODULES[module]
     gen = torch.Generator().manual_seed(len(slots))
     x = torch.randn(len(slots), h, generator=gen)
     y0 = torch.randn(len(slots), o, generator=gen)
     batch = build_adapter_batch(slots)
     fast, expected = y0.clone().to(dtype), y0.clone().double()
-    get_backend("torch").apply(fast, x.to(dtype), pool, module, batch)
+    get_backend(backend).apply(fast, x.to(dtype), pool, module, batch)
     get_backend("reference").apply(expected, x.double(), pool, module, batch)
     return fast, expected
 
@@ -95,13 +99,14 @@ def test_module_plan_from_table(pool: AdapterWeightPool, slots, segments, gather
     assert got == sorted(r for rows in gathered_rows for r in rows)
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("kind", ["distinct", "identical", "zipf", "skewed"])
 @pytest.mark.parametrize("rows", [1, 2, 7, 31, 64])
 @pytest.mark.parametrize("module", sorted(MODULES))
-def test_torch_backend_matches_reference(pool, kind: str, rows: int, module: str) -> None:
+def test_fast_backends_match_reference(pool, kind: str, rows: int, module: str, backend: str) -> None:
     rng = random.Random(rows * 7 + len(kind))
     slots = with_gaps(popularity(kind, rows, len(CONFIGS), rng), rng)
-    fast, expected = run_both(pool, slots, module)
+    fast, expected = run_both(pool, slots, module, backend=backend)
     assert_close_for_dtype(fast, expected, torch.float32)
 
 
@@ -131,6 +136,7 @@ def test_torch_backend_other_dtypes(dtype: torch.dtype) -> None:
     rows=st.integers(1, 20),
 )
 def test_random_shapes_match_reference(h: int, o: int, r: int, data, rows: int) -> None:
+    backend = data.draw(st.sampled_from(FAST_BACKENDS))
     u = data.draw(st.integers(0, r))
     m = data.draw(st.integers(1, min(h, 9)))
     n = data.draw(st.integers(1, min(o, 9)))
@@ -142,7 +148,7 @@ def test_random_shapes_match_reference(h: int, o: int, r: int, data, rows: int) 
     x = torch.randn(rows, h)
     fast, expected = torch.zeros(rows, o), torch.zeros(rows, o, dtype=torch.float64)
     batch = build_adapter_batch(slots)
-    get_backend("torch").apply(fast, x, pool, "layer.proj", batch)
+    get_backend(backend).apply(fast, x, pool, "layer.proj", batch)
     get_backend("reference").apply(expected, x.double(), pool, "layer.proj", batch)
     assert_close_for_dtype(fast, expected, torch.float32)
 
@@ -194,4 +200,9 @@ def test_context_applies_and_checks_rows(pool) -> None:
 def test_get_backend_rejects_unknown_name() -> None:
     with pytest.raises(ValueError, match="unknown adapter backend"):
         get_backend("cuda-magic")
-    assert get_backend("auto", "cpu").name == "torch"
+    assert get_backend("auto", "cpu").name == "cpu"
+    with pytest.raises(TypeError, match="float32"):
+        pool = AdapterWeightPool(dtype=torch.float64)
+        pool.load(0, make_adapter(4, 1, 2, 2, 4.0, seed=0))
+        get_backend("cpu").apply(torch.zeros(1, 36), torch.zeros(1, 24), pool,
+                                 "model.layers.0.self_attn.q_proj", build_adapter_batch([0]))
