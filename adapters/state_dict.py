@@ -88,8 +88,8 @@ def adapter_from_state_dict(config: ProLoRAConfig, tensors: Mapping[str, torch.T
     """Validate file tensors against the config (and the base model) and build the adapter."""
     if not tensors:
         raise AdapterFormatError("adapter is empty: the file holds no tensors")
-    for key, tensor in tensors.items():
-        check_tensor(key, tensor)
+    for key in sorted(tensors):  # sorted: the first error reported does not depend on file order
+        check_tensor(key, tensors[key])
     grouped = _group_by_module(config, tensors)
     _check_targets(config, grouped, linear_shapes)
     modules = {path: _build_module(config, path, found, linear_shapes)
@@ -110,12 +110,12 @@ def check_tensor(key: str, tensor: torch.Tensor) -> None:
 def _group_by_module(config: ProLoRAConfig, tensors: Mapping[str, torch.Tensor]
                      ) -> dict[str, dict[str, torch.Tensor]]:
     grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+    for key in sorted(tensors):
         path, name = parse_key(key, config.is_plain_lora)
         if not config.targets(path):
             raise AdapterFormatError(f"tensor {key!r}: module {path!r} has weights but is not in "
                                      f"target_modules {list(config.target_modules)}")
-        grouped.setdefault(path, {})[name] = tensor
+        grouped.setdefault(path, {})[name] = tensors[key]
     return grouped
 
 
