@@ -1,0 +1,137 @@
+"""Adapter management: ``POST/GET /adapters``, ``GET/DELETE /adapters/{id}``.
+
+Uploads are multipart: ``name`` plus either ``file`` (one .safetensors with the config in its
+metadata) or ``config`` + ``weights`` (PEFT-style pair). Validation and disk I/O run in a worker
+thread so a large upload never stalls the event loop (and so the step loop keeps streaming).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
+
+from .auth import require_admin_key, require_api_key
+from .errors import APIError
+from .schemas import AdapterDeleted, AdapterInfo, AdapterList
+
+router = APIRouter(tags=["adapters"])
+UPLOAD_FIELDS = ("file", "config", "weights")
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries, headers and the name field on top of the files
+
+
+def _residency(engine: Any) -> dict[str, Any]:
+    if engine is None:
+        return {}
+    return {info.adapter_id: info for info in engine.adapter_cache.resident()}
+
+
+def adapter_info(record: Any, resident: dict[str, Any] | None = None) -> AdapterInfo:
+    info = AdapterInfo(id=record.adapter_id, created=int(record.created), config=record.config,
+                       num_params=record.num_params, nbytes=record.nbytes,
+                       stored_bytes=record.stored_bytes)
+    if resident is not None:
+        entry = resident.get(record.adapter_id)
+        info.resident = entry is not None
+        info.resident_bytes = entry.nbytes if entry else 0
+        info.in_use = entry.in_use if entry else 0
+        info.last_used = entry.last_used if entry else None
+    return info
+
+
+def _check_content_length(request: Request, limit: int) -> None:
+    """Refuse an oversized upload before reading it (the registry counts bytes again)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
+        raise APIError(413, f"upload of {declared} bytes exceeds the limit of {limit} bytes",
+                       code="upload_too_large")
+
+
+def _limited(receive: Any, limit: int) -> Any:
+    """A receive channel that refuses bodies over ``limit`` bytes (chunked uploads too)."""
+    seen = 0
+
+    async def receive_limited() -> dict[str, Any]:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise APIError(413, f"upload exceeds the limit of {limit} bytes", code="upload_too_large")
+        return message
+
+    return receive_limited
+
+
+async def _read_form(request: Request, limit: int) -> FormData:
+    limited = Request(request.scope, _limited(request.receive, limit + MULTIPART_OVERHEAD))
+    try:
+        return await limited.form(max_files=len(UPLOAD_FIELDS), max_fields=8)
+    except APIError:
+        raise
+    except Exception as err:  # noqa: BLE001 - malformed multipart bodies raise several types
+        raise APIError(400, f"expected a multipart/form-data body: {err}", code="invalid_form") from None
+
+
+def _upload_fields(form: FormData) -> tuple[str, dict[str, Any]]:
+    name = form.get("name")
+    if not isinstance(name, str):
+        raise APIError(400, "the form field 'name' (the adapter id) is required", param="name")
+    files = {key: form.get(key) for key in UPLOAD_FIELDS if form.get(key) is not None}
+    for key, value in files.items():
+        if not isinstance(value, UploadFile):
+            raise APIError(400, f"form field {key!r} must be a file", param=key)
+    return name, {key: value.file for key, value in files.items()}
+
+
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$", "description": "adapter id"},
+        "file": {"type": "string", "format": "binary",
+                 "description": "single .safetensors, config JSON in metadata key adapter_config"},
+        "config": {"type": "string", "format": "binary", "description": "adapter_config.json"},
+        "weights": {"type": "string", "format": "binary", "description": "adapter_model.safetensors"},
+    }}}}}}
+
+
+@router.post("/adapters", status_code=201, response_model=AdapterInfo, openapi_extra=UPLOAD_BODY,
+             dependencies=[Depends(require_admin_key)], summary="Upload an adapter")
+async def upload_adapter(request: Request) -> AdapterInfo:
+    registry = request.app.state.registry
+    _check_content_length(request, registry.max_upload_bytes)
+    form = await _read_form(request, registry.max_upload_bytes)
+    try:
+        name, files = _upload_fields(form)
+        if name == request.app.state.model_name:
+            raise APIError(409, f"{name!r} is the base model's name", param="name",
+                           code="adapter_exists")
+        record = await run_in_threadpool(lambda: registry.register_upload(name, **files))
+    finally:
+        await form.close()
+    return adapter_info(record, _residency(request.app.state.engine))
+
+
+@router.get("/adapters", response_model=AdapterList, dependencies=[Depends(require_api_key)],
+            summary="List registered adapters")
+def list_adapters(request: Request) -> AdapterList:
+    resident = _residency(request.app.state.engine)
+    return AdapterList(data=[adapter_info(r, resident) for r in request.app.state.registry.list()])
+
+
+@router.get("/adapters/{adapter_id}", response_model=AdapterInfo,
+            dependencies=[Depends(require_api_key)], summary="One adapter, with its residency")
+def get_adapter(adapter_id: str, request: Request) -> AdapterInfo:
+    record = request.app.state.registry.get(adapter_id)
+    return adapter_info(record, _residency(request.app.state.engine))
+
+
+@router.delete("/adapters/{adapter_id}", response_model=AdapterDeleted,
+               dependencies=[Depends(require_admin_key)], summary="Delete an adapter")
+def delete_adapter(adapter_id: str, request: Request) -> AdapterDeleted:
+    state = request.app.state
+    state.registry.delete(adapter_id)
+    if state.engine is not None:
+        state.engine.forget_adapter(adapter_id)  # running requests finish, then it is freed
+    return AdapterDeleted(id=adapter_id)

@@ -1,0 +1,122 @@
+"""Prometheus metrics, one ``CollectorRegistry`` per app (so several apps never collide).
+
+Request counts/latency come from an ASGI middleware; token counters from the routes; the
+engine's gauges and cache counters are read from ``engine.stats()`` at scrape time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PREFIX = "prolora"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class EngineCollector(Collector):
+    """Reads live engine, cache and registry state at every scrape."""
+
+    def __init__(self, app_state: Any) -> None:
+        self.app_state = app_state
+
+    def _gauges(self, stats: Any, registry: Any) -> Iterator[GaugeMetricFamily]:
+        cache = stats.adapter_cache
+        for name, doc, value in (
+            ("queue_depth", "requests waiting to be scheduled", stats.num_waiting),
+            ("running_requests", "requests in the running batch", stats.num_running),
+            ("batch_size", "sequences in the last engine step", stats.last_batch_size),
+            ("kv_blocks_used", "KV cache blocks in use", stats.kv_blocks_used),
+            ("kv_blocks_total", "KV cache blocks in total", stats.kv_blocks_total),
+            ("kv_cache_bytes", "bytes of the KV cache", stats.kv_cache_bytes),
+            ("base_model_bytes", "bytes of the resident base model", stats.base_model_bytes),
+            ("adapter_cache_budget_bytes", "adapter cache byte budget", cache.budget_bytes),
+            ("adapter_resident_bytes", "bytes of resident adapter weights", cache.used_bytes),
+            ("adapters_resident", "adapters resident in the device cache", cache.num_resident),
+            ("adapters_registered", "adapters in the registry", len(registry) if registry is not None else 0),
+        ):
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+    def _counters(self, cache: Any) -> Iterator[CounterMetricFamily]:
+        for name, doc in (("hits", "adapter cache hits"), ("misses", "adapter cache misses"),
+                          ("loads", "adapters loaded into the device cache"),
+                          ("evictions", "adapters evicted from the device cache")):
+            yield CounterMetricFamily(f"{PREFIX}_adapter_cache_{name}", doc, value=getattr(cache, name))
+
+    def collect(self) -> Iterator[Any]:
+        engine = getattr(self.app_state, "engine", None)
+        if engine is None:
+            return
+        stats = engine.stats()
+        yield from self._gauges(stats, getattr(self.app_state, "registry", None))
+        yield from self._counters(stats.adapter_cache)
+
+
+class ServerMetrics:
+    """The app's metric objects and its private registry."""
+
+    def __init__(self, app_state: Any) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(f"{PREFIX}_http_requests", "HTTP requests by endpoint and status",
+                                ["method", "endpoint", "status"], registry=self.registry)
+        self.latency = Histogram(f"{PREFIX}_http_request_duration_seconds",
+                                 "HTTP request time to the last byte", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "prompt tokens processed",
+                                     registry=self.registry)
+        self.generated_tokens = Counter(f"{PREFIX}_generated_tokens", "tokens generated",
+                                        registry=self.registry)
+        self.registry.register(EngineCollector(app_state))
+
+    def record_tokens(self, prompt: int, generated: int) -> None:
+        self.prompt_tokens.inc(prompt)
+        self.generated_tokens.inc(generated)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _endpoint(scope: dict[str, Any]) -> str:
+    """The route template (``/adapters/{adapter_id}``), never the raw path: bounded labels."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by endpoint and final status; times it to the last byte."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+        start = time.perf_counter()
+
+        async def send_and_watch(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            endpoint = _endpoint(scope)
+            self.metrics.requests.labels(scope["method"], endpoint, str(status["code"])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics")
+def get_metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,45 @@
+"""``GET /v1/models`` (base model + every adapter, OpenAI's model cards) and ``GET /health``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from .auth import require_api_key
+from .errors import APIError
+from .schemas import Health, ModelCard, ModelList
+
+router = APIRouter(tags=["openai"])
+
+
+def _cards(request: Request) -> list[ModelCard]:
+    state = request.app.state
+    base = state.model_name
+    cards = [ModelCard(id=base, created=int(state.started_at), root=base)]
+    cards += [ModelCard(id=r.adapter_id, created=int(r.created), root=base, parent=base)
+              for r in state.registry.list()]
+    return cards
+
+
+@router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_api_key)])
+def list_models(request: Request) -> ModelList:
+    return ModelList(data=_cards(request))
+
+
+@router.get("/v1/models/{model_id}", response_model=ModelCard, dependencies=[Depends(require_api_key)])
+def get_model(model_id: str, request: Request) -> ModelCard:
+    for card in _cards(request):
+        if card.id == model_id:
+            return card
+    raise APIError(404, f"model {model_id!r} does not exist", param="model", code="model_not_found")
+
+
+@router.get("/health", response_model=Health, tags=["operations"],
+            responses={503: {"model": Health}})
+def health(request: Request) -> JSONResponse:
+    state = request.app.state
+    engine = getattr(state, "engine", None)
+    running = engine is not None and not getattr(state, "stopping", False)
+    body = Health(status="ok" if running else "unavailable", model=getattr(state, "model_name", None),
+                  adapters=len(state.registry) if getattr(state, "registry", None) is not None else None)
+    return JSONResponse(body.model_dump(), status_code=200 if running else 503)
