@@ -1,0 +1,104 @@
+"""Paged attention over the KV cache for one flattened step (decode rows batched, prefill per sequence).
+
+Grouped-query attention without repeating K/V: the ``G = q_heads / kv_heads`` query heads that
+share a key/value head are laid out as G query rows of that head (head ``h`` uses kv head
+``h // G``, as Hugging Face's ``repeat_kv`` does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import AttentionMetadata
+
+
+def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store the step's new keys/values (T, kv_heads, head_dim) at their flat cache slots."""
+    key_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    value_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
+                    value_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q (T, Hq, D), new k/v (T, Hkv, D) -> attention output (T, Hq, D); writes k/v to the cache."""
+    write_kv(key_cache, value_cache, k, v, meta.slot_mapping)
+    if len(meta.decode_seqs) == meta.num_tokens:  # pure decode step: rows are the sequences
+        return _decode(q, key_cache, value_cache, meta, scale)
+    out = torch.empty_like(q)
+    if meta.decode_seqs:
+        decoded = _decode(q.index_select(0, meta.decode_rows), key_cache, value_cache, meta, scale)
+        out.index_copy_(0, meta.decode_rows, decoded)
+    for seq, slots in zip(meta.prefill_seqs, meta.prefill_context_slots):
+        rows = slice(meta.query_starts[seq], meta.query_starts[seq + 1])
+        out[rows] = _prefill(q[rows], k[rows], v[rows], key_cache, value_cache, slots, scale)
+    return out
+
+
+def _decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+            meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query token per sequence: gather every context at once, padded and masked."""
+    num_seqs, q_heads, head_dim = q.shape
+    tables = meta.decode_block_tables
+    kv_heads = key_cache.shape[2]
+    keys = key_cache[tables].view(num_seqs, -1, kv_heads, head_dim).transpose(1, 2)
+    values = value_cache[tables].view(num_seqs, -1, kv_heads, head_dim).transpose(1, 2)
+    grouped = q.view(num_seqs, kv_heads, q_heads // kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=meta.decode_mask,
+                                         scale=scale)
+    return out.reshape(num_seqs, q_heads, head_dim)
+
+
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
+             value_cache: torch.Tensor, context_slots: torch.Tensor | None,
+             scale: float) -> torch.Tensor:
+    """A chunk of n new tokens: causal among themselves, after all cached context."""
+    num_new = q.shape[0]
+    if context_slots is None:  # nothing cached: the new K/V are the whole context
+        keys, values, mask = k, v, None
+    else:
+        keys = key_cache.view(-1, *k.shape[1:]).index_select(0, context_slots)
+        values = value_cache.view(-1, *v.shape[1:]).index_select(0, context_slots)
+        mask = _chunk_causal_mask(num_new, keys.shape[0], q.device)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
+        values.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None,
+        scale=scale, enable_gqa=True)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def _chunk_causal_mask(num_new: int, context_len: int, device: torch.device) -> torch.Tensor:
+    """(n, L) bool: new token i (at position L - n + i) sees keys 0 .. L - n + i."""
+    offset = context_len - num_new
+    query_pos = torch.arange(num_new, device=device).unsqueeze(1) + offset
+    return torch.arange(context_len, device=device).unsqueeze(0) <= query_pos
+
+
+def reference_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Float64, one token at a time, read back from the (already written) cache via block tables."""
+    q_heads, kv_heads = q.shape[1], key_cache.shape[2]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for seq in range(meta.num_seqs):
+        context_len = meta.context_lens[seq]
+        positions = torch.arange(context_len)
+        table = torch.tensor(meta.block_tables[seq], dtype=torch.int64)
+        slots = table[positions // meta.block_size] * meta.block_size + positions % meta.block_size
+        keys = key_cache.reshape(-1, kv_heads, q.shape[2])[slots].double()
+        values = value_cache.reshape(-1, kv_heads, q.shape[2])[slots].double()
+        first_new = context_len - meta.query_lens[seq]
+        for i in range(meta.query_lens[seq]):
+            row = meta.query_starts[seq] + i
+            for head in range(q_heads):
+                kv_head = head // (q_heads // kv_heads)
+                visible = first_new + i + 1
+                scores = keys[:visible, kv_head] @ q[row, head].double() * scale
+                out[row, head] = torch.softmax(scores, 0) @ values[:visible, kv_head]
+    return out
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
