@@ -1,0 +1,133 @@
+"""The capacity dashboard: the page, its static assets, ``/v1/capacity`` and the live state.
+
+Mount with ``app.include_router(dashboard.router)``. The routes read ``app.state.engine``
+(an AsyncLLMEngine, or None) and ``app.state.registry`` (an AdapterRegistry, or None).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, Response
+
+from ...adapters.accounting import AdapterVariant
+from ...adapters.config import AdapterConfigError, ProLoRAConfig
+from . import capacity
+from .errors import APIError, error_response
+
+STATIC = resources.files(__package__) / "static"
+MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
+               ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml"}
+
+router = APIRouter(tags=["dashboard"])
+router.include_router(capacity.router)
+
+
+# --- the page -----------------------------------------------------------------------------
+@router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+def dashboard_page() -> HTMLResponse:
+    return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"),
+                        headers={"Cache-Control": "no-cache"})
+
+
+def _static_names() -> set[str]:
+    return {entry.name for entry in STATIC.iterdir()
+            if entry.is_file() and any(entry.name.endswith(s) for s in MEDIA_TYPES)}
+
+
+@router.get("/dashboard/static/{name}", include_in_schema=False)
+def dashboard_asset(name: str) -> Response:
+    # Only files that exist in the package's static folder: no path ever reaches the disk.
+    if name not in _static_names():
+        return error_response(APIError(404, f"no dashboard asset named {name!r}", code="not_found"))
+    suffix = name[name.rfind("."):]
+    return Response((STATIC / name).read_bytes(), media_type=MEDIA_TYPES[suffix],
+                    headers={"Cache-Control": "no-cache"})
+
+
+# --- live state ---------------------------------------------------------------------------
+def _record_id(record: Any) -> str:
+    return str(getattr(record, "adapter_id", None) or getattr(record, "id"))
+
+
+def config_label(config: dict[str, Any]) -> str:
+    """``LoRA r=16`` / ``PRoLoRA r=32 u=4 m=n=7`` for an adapter_config dict."""
+    try:
+        parsed = ProLoRAConfig.from_json_dict(config)
+        variant = AdapterVariant(parsed.r, parsed.unshared_r, parsed.reduce_lora_A_x, parsed.reduce_lora_B_x)
+    except (AdapterConfigError, TypeError):
+        return "unrecognized config"
+    return variant.label
+
+
+def _adapter_json(adapter_id: str, config: Any, num_params: int, nbytes: int) -> dict[str, Any]:
+    config = dict(config)
+    return {"id": adapter_id, "label": config_label(config), "config": config,
+            "num_params": int(num_params), "nbytes": int(nbytes)}
+
+
+def _registered(registry: Any) -> list[dict[str, Any]]:
+    if registry is None:
+        return []
+    return [_adapter_json(_record_id(rec), rec.config, rec.num_params, rec.nbytes)
+            for rec in registry.list()]
+
+
+def _resident(cache: Any) -> list[dict[str, Any]]:
+    entries = sorted(cache.resident(), key=lambda info: info.last_used, reverse=True)
+    return [{**_adapter_json(info.adapter_id, info.config, info.num_params, info.nbytes),
+             "last_used": float(info.last_used), "in_use": int(info.in_use)} for info in entries]
+
+
+def _cache_json(cache: Any) -> dict[str, Any]:
+    hits, misses = int(cache.hits), int(cache.misses)
+    return {"budget_bytes": int(cache.budget_bytes), "used_bytes": int(cache.used_bytes),
+            "hits": hits, "misses": misses, "loads": int(cache.loads),
+            "evictions": int(cache.evictions),
+            "hit_rate": hits / (hits + misses) if hits + misses else None}
+
+
+def _stats_dict(engine: Any) -> dict[str, Any]:
+    stats = engine.stats()
+    return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(vars(stats))
+
+
+def _pick(stats: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {name: stats.get(name) for name in names}
+
+
+def _engine_json(engine: Any) -> dict[str, Any]:
+    stats = _stats_dict(engine)
+    return {
+        "model": getattr(engine, "model_name", None),
+        "base_model_bytes": stats.get("base_model_bytes"),
+        "kv_cache": _pick(stats, "kv_cache_bytes", "kv_blocks_total", "kv_blocks_used"),
+        "scheduler": _pick(stats, "num_waiting", "num_running", "last_batch_size"),
+        "adapter_cache": _cache_json(engine.adapter_cache),
+    }
+
+
+def _no_engine_json() -> dict[str, Any]:
+    return {"model": None, "base_model_bytes": None, "kv_cache": None, "scheduler": None,
+            "adapter_cache": None}
+
+
+def dashboard_state(engine: Any, registry: Any) -> dict[str, Any]:
+    """What is resident now, what is registered but cold, and the engine's counters."""
+    resident = _resident(engine.adapter_cache) if engine is not None else []
+    resident_ids = {entry["id"] for entry in resident}
+    registered = _registered(registry)
+    state = _engine_json(engine) if engine is not None else _no_engine_json()
+    return {**state, "time": time.time(), "engine_running": engine is not None,
+            "num_registered": len(registered) if registry is not None else None,
+            "resident": resident, "cold": [e for e in registered if e["id"] not in resident_ids]}
+
+
+@router.get("/v1/dashboard/state", summary="Live memory and adapter-cache state for the dashboard")
+def get_dashboard_state(request: Request) -> dict[str, Any]:
+    state = request.app.state
+    return dashboard_state(getattr(state, "engine", None), getattr(state, "registry", None))
