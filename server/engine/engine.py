@@ -1,0 +1,367 @@
+"""The synchronous engine: ``add_request`` / ``abort`` from any thread, ``step()`` from one.
+
+``step()`` is three calls: the scheduler picks the chunks (CPU accounting), the model runner
+runs them (device), and postprocessing samples, detokenizes, checks stop conditions and turns
+every sequence that progressed into a ``RequestOutput`` delta.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence as Seq
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer, StopStringText, TokenTextCache
+from .errors import PromptTooLongError, QueueFullError, UnknownAdapterError
+from .kv_cache import BlockAllocator, KVCache
+from .model_runner import ModelRunner, StepLogits
+from .residency import AdapterCache, AdapterCacheStats, AdapterSource
+from .sampling import SampleResult, SamplingParams, make_generator, sample, top_alternatives
+from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
+from .sequence import Sequence, TokenLogprob
+
+if TYPE_CHECKING:
+    from .loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+MIB = 1 << 20
+DTYPES = ("nf4", "int8", "bf16", "fp32")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the embedded default model
+    dtype: str = "nf4"
+    device: str = "cpu"
+    max_batch: int = 32  # running sequences
+    max_batched_tokens: int = 512  # token rows per step
+    block_size: int = 16
+    kv_cache_bytes: int = 256 * MIB
+    adapter_memory_bytes: int = 256 * MIB
+    max_model_len: int = 2048
+    max_queue: int = 1024
+    cache_dir: Path | None = None
+    adapter_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("max_batch", "max_batched_tokens", "block_size", "max_model_len", "max_queue"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
+        if self.adapter_memory_bytes < 0:
+            raise ValueError(f"adapter_memory_bytes must be >= 0, got {self.adapter_memory_bytes}")
+        if self.cache_dir is not None:
+            self.cache_dir = Path(self.cache_dir)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str  # delta
+    token_ids: list[int]  # delta
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    logprobs: list[TokenLogprob]  # delta
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[TokenLogprob | None] | None  # first output only, when asked
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    error: BaseException | None = None  # set when the request failed (finish_reason "abort")
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    last_batch_size: int  # sequences in the last step
+    last_batch_tokens: int  # token rows in the last step
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_cache_bytes: int
+    base_model_bytes: int
+    adapter_cache: AdapterCacheStats | None
+    num_requests: int  # accepted since start
+    num_finished: int
+    num_aborted: int
+    num_preemptions: int
+    num_steps: int
+    prompt_tokens: int  # computed (prefill) prompt tokens since start
+    generated_tokens: int
+
+
+@dataclass
+class _Counters:
+    requests: int = 0
+    finished: int = 0
+    aborted: int = 0
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    last_batch_size: int = 0
+    last_batch_tokens: int = 0
+
+
+@dataclass
+class _Inbox:
+    """Requests and aborts handed over from other threads, taken by the step thread."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    new: list[Sequence] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
+    live_ids: set[str] = field(default_factory=set)  # inbox + scheduler, for duplicate checks
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: "LoadedModel",
+                 adapter_source: AdapterSource | None = None) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.hf_config = loaded.hf_config
+        self.model_name = loaded.name
+        self.eos_token_ids = frozenset(loaded.eos_token_ids)
+        num_blocks = self._num_blocks(config, loaded.model)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, config.adapter_backend)
+        self.adapter_source = adapter_source
+        self.adapter_cache = (AdapterCache(self.runner.pool, config.adapter_memory_bytes, adapter_source)
+                              if adapter_source is not None else None)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_batch, config.max_batched_tokens, config.block_size),
+            BlockAllocator(num_blocks), self.adapter_cache)
+        positions = getattr(self.hf_config, "max_position_embeddings", None) or config.max_model_len
+        self.max_len = min(config.max_model_len, positions, num_blocks * config.block_size)
+        self.token_text = TokenTextCache(self.tokenizer)
+        self._inbox = _Inbox()
+        self._counters = _Counters()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, adapter_source: AdapterSource | None = None) -> "LLMEngine":
+        from .loader import load_base_model
+
+        loaded = load_base_model(config.model, config.dtype, config.device, config.cache_dir)
+        return cls(config, loaded, adapter_source)
+
+    @staticmethod
+    def _num_blocks(config: EngineConfig, model: Any) -> int:
+        hf = model.config
+        kv_heads = hf.num_key_value_heads or hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        per_block = KVCache.bytes_per_block(hf.num_hidden_layers, config.block_size, kv_heads,
+                                            head_dim, model.dtype)
+        num_blocks = config.kv_cache_bytes // per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} is less than one KV block "
+                             f"({per_block} bytes)")
+        return num_blocks
+
+    # --- requests (any thread) -------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        ids = list(prompt)
+        vocab = self.hf_config.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams,
+                    adapter_id: str | None = None) -> None:
+        """Validate and queue a request; raises before queueing anything on bad input."""
+        prompt_ids = self.encode_prompt(prompt)
+        self._check_prompt(prompt_ids)
+        self._check_adapter(adapter_id)
+        seq = Sequence(request_id, prompt_ids, params, adapter_id, make_generator(params.seed),
+                       IncrementalDetokenizer(self.tokenizer, prompt_ids), StopStringText(params.stop))
+        with self._inbox.lock:
+            if request_id in self._inbox.live_ids:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            if len(self.scheduler.waiting) + len(self._inbox.new) >= self.config.max_queue:
+                raise QueueFullError(f"the queue is full ({self.config.max_queue} waiting requests)")
+            self._inbox.live_ids.add(request_id)
+            self._inbox.new.append(seq)
+            self._counters.requests += 1
+
+    def _check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.max_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt_ids)} tokens; at most {self.max_len - 1} fit "
+                f"(max_model_len {self.config.max_model_len}, KV cache "
+                f"{self.scheduler.allocator.num_blocks * self.config.block_size} tokens)")
+
+    def _check_adapter(self, adapter_id: str | None) -> None:
+        if adapter_id is None:
+            return
+        if self.adapter_source is None or not self.adapter_source.has_adapter(adapter_id):
+            raise UnknownAdapterError(f"adapter {adapter_id!r} is not registered")
+
+    def prepare_adapter(self, adapter_id: str) -> Future[int]:
+        """Start reading an adapter in the background; the future raises UnknownAdapterError,
+        AdapterTooLargeError or a format error, else gives its resident bytes."""
+        self._check_adapter(adapter_id)
+        assert self.adapter_cache is not None
+        return self.adapter_cache.prepare(adapter_id)
+
+    def abort(self, request_id: str) -> None:
+        """Takes effect at the next step: its blocks and adapter reference are freed then."""
+        with self._inbox.lock:
+            self._inbox.aborts.append(request_id)
+
+    def forget_adapter(self, adapter_id: str) -> None:
+        if self.adapter_cache is not None:
+            self.adapter_cache.forget(adapter_id)
+
+    def has_work(self) -> bool:
+        with self._inbox.lock:
+            pending = bool(self._inbox.new or self._inbox.aborts)
+        collect = self.adapter_cache is not None and self.adapter_cache.needs_collect
+        return pending or self.scheduler.has_work or collect
+
+    # --- the step (one thread) ---------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs = self._take_inbox()
+        scheduled = self.scheduler.schedule()
+        outputs += [self._output(seq) for seq in scheduled.finished]
+        if scheduled.chunks:
+            outputs += self._run(scheduled)
+        return outputs
+
+    def _take_inbox(self) -> list[RequestOutput]:
+        with self._inbox.lock:
+            new, aborts = self._inbox.new, self._inbox.aborts
+            self._inbox.new, self._inbox.aborts = [], []
+        for seq in new:
+            self.scheduler.add(seq)
+        aborted = [self.scheduler.abort(request_id) for request_id in aborts]
+        return [self._output(seq) for seq in aborted if seq is not None]
+
+    def _run(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
+        chunks = scheduled.chunks
+        self._counters.steps += 1
+        self._counters.last_batch_size = len(chunks)
+        self._counters.last_batch_tokens = scheduled.num_tokens
+        try:
+            logits = self.runner.run(chunks)
+            return self._postprocess(chunks, logits)
+        except Exception as err:  # noqa: BLE001 - fail this step's requests, keep serving
+            logger.exception("engine step failed; failing its %d requests", len(chunks))
+            return self.fail_requests([c.seq for c in chunks if not c.seq.is_finished], err)
+
+    def fail_requests(self, seqs: list[Sequence], error: BaseException) -> list[RequestOutput]:
+        for seq in seqs:
+            self.scheduler.finish(seq, "abort", error)
+        return [self._output(seq) for seq in seqs]
+
+    def fail_all(self, error: BaseException) -> list[RequestOutput]:
+        """Fail every live request (the step loop hit an unexpected error or is stopping)."""
+        self._take_inbox()
+        live = list(self.scheduler.running) + list(self.scheduler.waiting)
+        return self.fail_requests(live, error)
+
+    def _postprocess(self, chunks: list[ScheduledChunk], logits: StepLogits) -> list[RequestOutput]:
+        for index, chunk in enumerate(chunks):
+            self._counters.prompt_tokens += max(
+                0, min(chunk.end, chunk.seq.num_prompt_tokens) - chunk.start)
+            if index in logits.prompt:
+                self._record_prompt_logprobs(chunk, logits.prompt[index])
+        sampling = [c.seq for c in chunks if c.samples]
+        if sampling:
+            result = sample(logits.sample, [s.params for s in sampling], [s.generator for s in sampling])
+            for row, seq in enumerate(sampling):
+                self._append(seq, row, result)
+        return [self._output(seq) for seq in sampling]
+
+    def _append(self, seq: Sequence, row: int, result: SampleResult) -> None:
+        token = result.token_ids[row]
+        seq.append_token(token)
+        self._counters.generated_tokens += 1
+        if seq.params.logprobs is not None:
+            seq.pending_logprobs.append(self._token_logprob(
+                token, result.logprobs[row], result.top_ids[row], result.top_logprobs[row]))
+        reason = self._finish_reason(seq, token)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            return "stop"  # the stop token is in token_ids but not in the text
+        if seq.text.append(seq.detokenizer.add(token)):
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_len:
+            return "length"
+        return None
+
+    def _token_logprob(self, token: int, logprob: float, top_ids: list[int],
+                       top_values: list[float]) -> TokenLogprob:
+        return TokenLogprob(token, self.token_text(token), logprob,
+                            {self.token_text(t): v for t, v in zip(top_ids, top_values)})
+
+    def _record_prompt_logprobs(self, chunk: ScheduledChunk, logits: torch.Tensor) -> None:
+        """Row i (position start + i) predicts prompt token start + i + 1."""
+        seq = chunk.seq
+        targets = seq.prompt_token_ids[chunk.start + 1:chunk.start + 1 + logits.shape[0]]
+        logprobs = logits.log_softmax(dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(targets).unsqueeze(1)).squeeze(1).tolist()
+        top_ids, top_values = top_alternatives(logprobs, [seq.params.prompt_logprobs] * len(targets))
+        for i, target in enumerate(targets):
+            if len(seq.prompt_logprobs) == chunk.start + i + 1:  # not recorded before a preemption
+                seq.prompt_logprobs.append(self._token_logprob(target, chosen[i], top_ids[i], top_values[i]))
+
+    # --- outputs -------------------------------------------------------------------------------
+    def _output(self, seq: Sequence) -> RequestOutput:
+        finished = seq.is_finished
+        if finished:
+            self._inbox_forget(seq)
+        token_ids, seq.pending_token_ids = seq.pending_token_ids, []
+        logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        prompt_logprobs = None
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+        return RequestOutput(seq.request_id, seq.text.take_delta(finished), token_ids, finished,
+                             seq.finish_reason, logprobs, seq.prompt_token_ids, prompt_logprobs,
+                             seq.num_prompt_tokens, seq.num_output_tokens, seq.error)
+
+    def _inbox_forget(self, seq: Sequence) -> None:
+        with self._inbox.lock:
+            self._inbox.live_ids.discard(seq.request_id)
+        self._counters.finished += 1
+        self._counters.aborted += seq.finish_reason == "abort"
+
+    # --- introspection -----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        allocator, counters = self.scheduler.allocator, self._counters
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting) + len(self._inbox.new),
+            num_running=len(self.scheduler.running),
+            last_batch_size=counters.last_batch_size,
+            last_batch_tokens=counters.last_batch_tokens,
+            kv_blocks_total=allocator.num_blocks,
+            kv_blocks_used=allocator.num_used,
+            kv_cache_bytes=self.runner.kv_cache.nbytes,
+            base_model_bytes=self.loaded.nbytes,
+            adapter_cache=self.adapter_cache.stats() if self.adapter_cache is not None else None,
+            num_requests=counters.requests,
+            num_finished=counters.finished,
+            num_aborted=counters.aborted,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=counters.steps,
+            prompt_tokens=counters.prompt_tokens,
+            generated_tokens=counters.generated_tokens,
+        )
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"the model {self.model_name!r} has no chat template")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -1,0 +1,89 @@
+"""The device side of a step: flatten the scheduled chunks, run the forward, return logits.
+
+It owns everything on the device: the model (with its projections wrapped for adapters), the
+paged KV cache, and the pool of resident adapter weights that the adapter kernels read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ...kernels import NO_ADAPTER, AdapterContext, AdapterWeightPool, build_adapter_batch, get_backend
+from .kv_cache import SeqSlice, build_attention_metadata
+from .model import LlamaModel, install_adapter_layers
+from .scheduler import ScheduledChunk
+
+
+@dataclass
+class StepLogits:
+    sample: torch.Tensor  # (N, V) float32: one row per chunk that samples, in chunk order
+    prompt: dict[int, torch.Tensor] = field(default_factory=dict)  # chunk index -> (n, V) float32
+    # logits of the chunk's rows at prompt positions p < P - 1 (they predict prompt token p + 1)
+
+
+@dataclass
+class FlatBatch:
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64
+    row_slots: list[int]  # (T,) adapter slot per token row, or NO_ADAPTER
+    last_rows: list[int]  # (N,) the last row of each sampling chunk
+
+
+def flatten(chunks: list[ScheduledChunk]) -> FlatBatch:
+    """Concatenate the chunks' new tokens into one flat batch of token rows."""
+    ids: list[int] = []
+    positions: list[int] = []
+    row_slots: list[int] = []
+    last_rows: list[int] = []
+    for chunk in chunks:
+        seq = chunk.seq
+        ids.extend(seq.token_ids[chunk.start:chunk.end])
+        positions.extend(range(chunk.start, chunk.end))
+        slot = NO_ADAPTER if seq.adapter_slot is None else seq.adapter_slot
+        row_slots.extend([slot] * chunk.num_tokens)
+        if chunk.samples:
+            last_rows.append(len(ids) - 1)
+    return FlatBatch(torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
+                     row_slots, last_rows)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
+                 adapter_backend: str = "auto") -> None:
+        self.model = model
+        self.block_size = block_size
+        self.kv_cache = model.make_kv_cache(num_blocks, block_size)
+        self.pool = AdapterWeightPool(model.device, model.dtype)
+        self.adapter_ctx = AdapterContext(self.pool, get_backend(adapter_backend, model.device))
+        install_adapter_layers(model, self.adapter_ctx)
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk]) -> StepLogits:
+        device = self.model.device
+        flat = flatten(chunks)
+        attn = build_attention_metadata(
+            [SeqSlice(c.seq.block_table, c.start, c.num_tokens) for c in chunks],
+            self.block_size, device)
+        self.adapter_ctx.batch = build_adapter_batch(flat.row_slots, device)
+        try:
+            hidden = self.model(flat.input_ids.to(device), flat.positions.to(device), attn,
+                                self.kv_cache)
+        finally:
+            self.adapter_ctx.batch = None
+        rows = torch.tensor(flat.last_rows, dtype=torch.int64, device=device)
+        return StepLogits(self.model.compute_logits(hidden.index_select(0, rows)),
+                          self._prompt_logits(chunks, hidden))
+
+    def _prompt_logits(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Logits at prompt positions, only for chunks whose request asked for prompt logprobs."""
+        logits: dict[int, torch.Tensor] = {}
+        first_row = 0
+        for index, chunk in enumerate(chunks):
+            last_prompt_pos = min(chunk.end, chunk.seq.num_prompt_tokens - 1)
+            if chunk.prompt_logits and last_prompt_pos > chunk.start:
+                rows = hidden[first_row:first_row + last_prompt_pos - chunk.start]
+                logits[index] = self.model.compute_logits(rows)
+            first_row += chunk.num_tokens
+        return logits
