@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping
 
-from .config import AdapterConfigError, ProLoRAConfig
+from .config import AdapterConfigError
+from .peft_config import is_lora_config, parse_config
+from .state_dict import module_paths, tensor_key
 from .weights import CompactAdapter
 
 log = logging.getLogger(__name__)
@@ -285,20 +287,33 @@ class AdapterRegistry:
         return record
 
     def _check_header(self, weights: Path, record: AdapterRecord) -> None:
-        """Cheap consistency check: size, readable header, config valid for this base."""
+        """Cheap consistency check without reading tensor data: file size, header, config,
+        and every tensor's shape against this base model's linear shapes."""
         if weights.stat().st_size != record.stored_bytes:
             raise InvalidAdapterError(f"size {weights.stat().st_size} differs from the recorded "
                                       f"{record.stored_bytes} bytes (truncated or replaced?)")
-        from safetensors import safe_open
+        metadata, shapes = _read_header(weights)
+        raw = json.loads(metadata[CONFIG_METADATA_KEY])
+        lora = is_lora_config(raw)
+        paths = module_paths(list(shapes), lora)
+        config = parse_config(raw, paths)
+        for path in paths:
+            if path not in self.linear_shapes:
+                raise InvalidAdapterError(f"{path} is not a linear layer of this base model")
+            spec = config.layer_spec(path, *self.linear_shapes[path])
+            for name, shape in spec.tensor_shapes().items():
+                key = tensor_key(path, name, lora)
+                if 0 not in shape and shapes.get(key) != shape:
+                    raise InvalidAdapterError(f"tensor {key} has shape {shapes.get(key)}, "
+                                              f"expected {shape} for this base model")
 
-        with safe_open(str(weights), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        config = ProLoRAConfig.from_json_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
-        targeted = [p for p in self.linear_shapes if config.targets(p)]
-        if not targeted:
-            raise InvalidAdapterError("its target_modules match no linear layer of this base model")
-        for path in targeted:
-            config.layer_spec(path, *self.linear_shapes[path])
+
+def _read_header(weights: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        return handle.metadata() or {}, shapes
 
 
 def _upload_size(path: Path) -> int:
