@@ -83,7 +83,9 @@ def _resident(cache: Any) -> list[dict[str, Any]]:
              "last_used": float(info.last_used), "in_use": int(info.in_use)} for info in entries]
 
 
-def _cache_json(cache: Any) -> dict[str, Any]:
+def _cache_json(cache: Any) -> dict[str, Any] | None:
+    if cache is None:  # an engine built without an adapter source
+        return None
     hits, misses = int(cache.hits), int(cache.misses)
     return {"budget_bytes": int(cache.budget_bytes), "used_bytes": int(cache.used_bytes),
             "hits": hits, "misses": misses, "loads": int(cache.loads),
@@ -106,19 +108,22 @@ def _engine_json(engine: Any) -> dict[str, Any]:
         "model": getattr(engine, "model_name", None),
         "base_model_bytes": stats.get("base_model_bytes"),
         "kv_cache": _pick(stats, "kv_cache_bytes", "kv_blocks_total", "kv_blocks_used"),
-        "scheduler": _pick(stats, "num_waiting", "num_running", "last_batch_size"),
+        "scheduler": _pick(stats, "num_waiting", "num_running", "last_batch_size", "last_batch_tokens"),
+        "counters": _pick(stats, "num_requests", "num_finished", "num_aborted", "num_preemptions",
+                          "num_steps", "prompt_tokens", "generated_tokens"),
         "adapter_cache": _cache_json(engine.adapter_cache),
     }
 
 
 def _no_engine_json() -> dict[str, Any]:
     return {"model": None, "base_model_bytes": None, "kv_cache": None, "scheduler": None,
-            "adapter_cache": None}
+            "counters": None, "adapter_cache": None}
 
 
 def dashboard_state(engine: Any, registry: Any) -> dict[str, Any]:
     """What is resident now, what is registered but cold, and the engine's counters."""
-    resident = _resident(engine.adapter_cache) if engine is not None else []
+    cache = getattr(engine, "adapter_cache", None)
+    resident = _resident(cache) if cache is not None else []
     resident_ids = {entry["id"] for entry in resident}
     registered = _registered(registry)
     state = _engine_json(engine) if engine is not None else _no_engine_json()

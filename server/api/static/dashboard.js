@@ -68,6 +68,32 @@
     return colors;
   }
 
+  // --- requests (with the API key when the server wants one) ---------------------------------
+  const KEY_STORAGE = "prolora-serve.api-key";
+
+  function adoptKeyFromFragment() {
+    // A shared link may carry #key=...; fragments never reach the server or its logs.
+    const match = /(?:^#|&)key=([^&]+)/.exec(location.hash);
+    if (!match) return;
+    sessionStorage.setItem(KEY_STORAGE, decodeURIComponent(match[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+
+  async function apiGet(url) {
+    const key = sessionStorage.getItem(KEY_STORAGE);
+    const headers = key ? {Authorization: "Bearer " + key} : {};
+    const response = await fetch(url, {headers, cache: "no-store"});
+    $("key-form").hidden = response.status !== 401;
+    return response;
+  }
+
+  function useKey(event) {
+    event.preventDefault();
+    sessionStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
+    $("api-key").value = "";
+    refreshCapacity();
+  }
+
   // --- the capacity request -------------------------------------------------------------------
   function queryString() {
     const params = new URLSearchParams();
@@ -82,7 +108,7 @@
     const seq = ++capacitySeq;
     let response, body;
     try {
-      response = await fetch("/v1/capacity?" + queryString());
+      response = await apiGet("/v1/capacity?" + queryString());
       body = await response.json();
     } catch (err) {
       if (seq === capacitySeq) showError({message: "the server did not answer: " + err});
@@ -351,6 +377,7 @@
     const cache = state.adapter_cache;
     const kv = state.kv_cache;
     const sched = state.scheduler;
+    const counters = state.counters;
     const blocks = kv && kv.kv_blocks_total !== null ? ` · ${fmtInt(kv.kv_blocks_used)}/${fmtInt(kv.kv_blocks_total)} blocks` : "";
     $("live-stats").replaceChildren(
       stat("Base model weights", fmtBytes(state.base_model_bytes), "base_model_bytes"),
@@ -360,6 +387,9 @@
       stat("Hits / misses", cache ? `${fmtInt(cache.hits)} / ${fmtInt(cache.misses)}` : "—", "hits_misses"),
       stat("Loads / evictions", cache ? `${fmtInt(cache.loads)} / ${fmtInt(cache.evictions)}` : "—", "loads_evictions"),
       stat("Running / waiting", sched ? `${fmtInt(sched.num_running ?? 0)} / ${fmtInt(sched.num_waiting ?? 0)}` : "—", "running_waiting"),
+      stat("Last batch", sched && sched.last_batch_size !== null ? `${fmtInt(sched.last_batch_size)} seqs · ${fmtInt(sched.last_batch_tokens ?? 0)} tokens` : "—", "last_batch"),
+      stat("Requests finished", counters && counters.num_finished !== null ? fmtInt(counters.num_finished) : "—", "num_finished"),
+      stat("Generated tokens", counters && counters.generated_tokens !== null ? fmtInt(counters.generated_tokens) : "—", "generated_tokens"),
       stat("Registered adapters", state.num_registered === null ? "—" : fmtInt(state.num_registered), "num_registered"));
     $("cache-bar").hidden = !cache;
     if (cache) $("cache-bar-fill").style.width = `${cache.budget_bytes ? (100 * cache.used_bytes / cache.budget_bytes).toFixed(1) : 0}%`;
@@ -394,7 +424,7 @@
 
   async function refreshState() {
     try {
-      const response = await fetch("/v1/dashboard/state", {cache: "no-store"});
+      const response = await apiGet("/v1/dashboard/state");
       if (!response.ok) throw new Error("HTTP " + response.status);
       renderState(await response.json());
     } catch (err) {
@@ -411,6 +441,8 @@
     return () => { clearTimeout(timer); timer = setTimeout(fn, ms); };
   }
 
+  adoptKeyFromFragment();
+  $("key-form").addEventListener("submit", useKey);
   const scheduleCapacity = debounce(refreshCapacity, 150);
   window.addEventListener("resize", debounce(() => lastReport && render(lastReport), 200));
   $("controls").addEventListener("input", scheduleCapacity);
