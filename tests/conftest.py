@@ -67,3 +67,63 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     build_tiny_llama(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# --- server: real uvicorn servers on 127.0.0.1, each in a background thread -------------------
+
+class LiveServer:
+    """One app served by uvicorn on a pre-bound free port (no port race)."""
+
+    def __init__(self, app) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.app = app
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
+                                       daemon=True, name=f"uvicorn-{self.port}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 300) -> "LiveServer":
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server on port {self.port} did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.server.should_exit = True
+            self.thread.join(timeout=60)
+        self.socket.close()
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    """Factory ``live_server(server_config, **create_app_kwargs) -> LiveServer`` (started);
+    every server still running is stopped at the end of the session."""
+    from prolora_serve.server.api.app import create_app
+
+    started: list[LiveServer] = []
+
+    def start(config, **kwargs) -> LiveServer:
+        server = LiveServer(create_app(config, **kwargs)).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
