@@ -45,7 +45,7 @@ def load_extension() -> ModuleType:
 def fused_gathered_delta(x: torch.Tensor, group: GatheredGroup) -> torch.Tensor:
     spec = group.spec
     return load_extension().gathered_delta(
-        x.contiguous(), group.A0, group.B0, group.Au, group.Bu, group.scales,
+        x.contiguous(), group.A0, group.B0t, group.Au, group.But, group.scales,
         spec.out_features, spec.reduce_a, spec.reduce_b, spec.stride_a, spec.stride_b)
 
 

@@ -59,9 +59,9 @@ class GatheredGroup:
     spec: LayerSpec  # shape class shared by the group (alpha is per row, in `scales`)
     rows: torch.Tensor | None  # (G,) int64 ascending; None = every row of the step, in order
     A0: torch.Tensor  # (G, R, cA)
-    B0: torch.Tensor  # (G, cB, R)
+    B0t: torch.Tensor  # (G, R, cB): B0 transposed, so the expand reads contiguous output runs
     Au: torch.Tensor  # (G, u, h)
-    Bu: torch.Tensor  # (G, o, u)
+    But: torch.Tensor  # (G, u, o): Bu transposed, likewise
     scales: torch.Tensor  # (G, 1)
     tables: RotationTables
 
@@ -82,7 +82,8 @@ def _gathered_group(entries: list[tuple[int, CompactLinearWeights]], num_rows: i
     first = weights[0]
     rows = torch.tensor([row for row, _ in entries], dtype=torch.int64, device=first.A0.device)
     scales = torch.tensor([[w.spec.scale] for w in weights], dtype=first.A0.dtype, device=first.A0.device)
-    stacks = [torch.stack([getattr(w, name) for w in weights]) for name in ("A0", "B0", "Au", "Bu")]
+    stacks = [torch.stack([w.A0 for w in weights]), torch.stack([w.B0.T for w in weights]),
+              torch.stack([w.Au for w in weights]), torch.stack([w.Bu.T for w in weights])]
     tables = rotation_tables(first.spec.shape_key, first.A0.dtype, first.A0.device)
     return GatheredGroup(first.spec, _rows_or_all(rows, num_rows), *stacks, scales, tables)
 

@@ -22,15 +22,16 @@ from .plan import GatheredGroup, Segment, cached_module_plan
 from .pool import AdapterWeightPool
 
 
-def _shared_rows(x: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, spec, tables) -> torch.Tensor:
-    """Shared-rank output for rows x (N, h); a0/b0 either one adapter's or stacked per row."""
+def _shared_rows(x: torch.Tensor, a0: torch.Tensor, b0t: torch.Tensor, spec, tables) -> torch.Tensor:
+    """Shared-rank output for rows x (N, h); a0 (.., R, cA) / b0t (.., R, cB) one adapter's or
+    stacked per row."""
     rows = x.shape[0]
     padded = F.pad(x, (0, spec.reduce_a * spec.chunk_a - spec.in_features))
     chunks = padded.view(rows, spec.reduce_a, spec.chunk_a)
     y_chunks = chunks @ a0.transpose(-1, -2)  # (N, m, R)
     z = y_chunks.reshape(rows, -1) @ tables.fold_a  # (N, R)
     z_chunks = (z @ tables.unfold_b).view(rows, spec.reduce_b, spec.shared_r)  # (N, n, R)
-    out = z_chunks @ b0.transpose(-1, -2)  # (N, n, cB)
+    out = z_chunks @ b0t  # (N, n, cB)
     return out.reshape(rows, -1)[:, : spec.out_features]
 
 
@@ -38,7 +39,7 @@ def segment_delta(x: torch.Tensor, segment: Segment) -> torch.Tensor:
     w, spec = segment.weights, segment.weights.spec
     out = x.new_zeros(x.shape[0], spec.out_features)
     if spec.shared_r:
-        out += _shared_rows(x, w.A0, w.B0, spec, segment.tables)
+        out += _shared_rows(x, w.A0, w.B0.T, spec, segment.tables)
     if spec.unshared_r:
         out += (x @ w.Au.T) @ w.Bu.T
     return out * spec.scale
@@ -48,10 +49,10 @@ def _group_delta(x: torch.Tensor, group: GatheredGroup) -> torch.Tensor:
     spec = group.spec
     out = x.new_zeros(x.shape[0], spec.out_features)
     if spec.shared_r:
-        out += _shared_rows(x, group.A0, group.B0, spec, group.tables)
+        out += _shared_rows(x, group.A0, group.B0t, spec, group.tables)
     if spec.unshared_r:
-        low = torch.bmm(group.Au, x.unsqueeze(2))  # (G, u, 1)
-        out += torch.bmm(group.Bu, low).squeeze(2)
+        low = torch.bmm(x.unsqueeze(1), group.Au.transpose(1, 2))  # (G, 1, u)
+        out += torch.bmm(low, group.But).squeeze(1)
     return out * group.scales
 
 

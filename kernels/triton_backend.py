@@ -4,9 +4,9 @@ matmuls (cuBLAS) for large per-adapter segments. Checked on the CPU with TRITON_
 Semantics of the two kernels, for row g of a gathered group (weights already stacked per row):
     shrink:  z[g, k]  = sum_i sum_j x[g, i*cA + j] * A0[g, (k + i*sA) % R, j]    (k < R)
              su[g, q] = sum_c Au[g, q, c] * x[g, c]                              (q < u)
-    expand:  out[g, i*cB + j] = scale[g] * ( sum_k B0[g, j, (k + i*sB) % R] * z[g, k]
-                                            + sum_q Bu[g, i*cB + j, q] * su[g, q] )  (i*cB+j < o)
-    shapes:  x (G, h), A0 (G, R, cA), B0 (G, cB, R), Au (G, u, h), Bu (G, o, u), scale (G, 1)
+    expand:  out[g, i*cB + j] = scale[g] * ( sum_k B0t[g, (k + i*sB) % R, j] * z[g, k]
+                                            + sum_q But[g, q, i*cB + j] * su[g, q] )  (i*cB+j < o)
+    shapes:  x (G, h), A0 (G, R, cA), B0t (G, R, cB), Au (G, u, h), But (G, u, o), scale (G, 1)
 """
 
 from __future__ import annotations
@@ -67,13 +67,13 @@ def _expand_kernel(z_ptr, su_ptr, b0_ptr, bu_ptr, scale_ptr, out_ptr, o, R, cB, 
         chunk = offs_o // cB
         within = offs_o % cB
         source_col = (offs_k[None, :] + chunk[:, None] * sB) % R
-        b = tl.load(b0_ptr + g * cB * R + within[:, None] * R + source_col,
+        b = tl.load(b0_ptr + g * cB * R + source_col * cB + within[:, None],
                     mask=valid_o[:, None] & (offs_k[None, :] < R), other=0.0)
         zv = tl.load(z_ptr + g * R + offs_k, mask=offs_k < R, other=0.0)
         acc += tl.sum(b.to(tl.float32) * zv[None, :], axis=1)
     if HAS_UNSHARED:
         offs_q = tl.arange(0, BLOCK_U)
-        bu = tl.load(bu_ptr + g * o * u + offs_o[:, None] * u + offs_q[None, :],
+        bu = tl.load(bu_ptr + g * o * u + offs_q[None, :] * o + offs_o[:, None],
                      mask=valid_o[:, None] & (offs_q[None, :] < u), other=0.0)
         sv = tl.load(su_ptr + g * u + offs_q, mask=offs_q < u, other=0.0)
         acc += tl.sum(bu.to(tl.float32) * sv[None, :], axis=1)
@@ -98,7 +98,7 @@ def gathered_delta(x: torch.Tensor, group: GatheredGroup) -> torch.Tensor:
     _shrink_kernel[(rows,)](x, group.A0, group.Au, z, su, spec.in_features, shared, spec.chunk_a,
                             spec.reduce_a, spec.stride_a, unshared, BLOCK_J=BLOCK_J, **flags)
     grid = (rows, triton.cdiv(spec.out_features, BLOCK_O))
-    _expand_kernel[grid](z, su, group.B0, group.Bu, group.scales, out, spec.out_features, shared,
+    _expand_kernel[grid](z, su, group.B0t, group.But, group.scales, out, spec.out_features, shared,
                          spec.chunk_b, spec.stride_b, unshared, BLOCK_O=BLOCK_O, **flags)
     return out
 
