@@ -131,8 +131,9 @@ def _build(raw: Any, tensors: dict[str, torch.Tensor], linear_shapes: LinearShap
            source: str) -> CompactAdapter:
     """Config + tensors -> validated adapter; errors keep their type and gain the source."""
     try:
-        lora = isinstance(raw, Mapping) and is_lora_config(raw)
-        config = parse_config(raw, module_paths(list(tensors), lora))
+        if not isinstance(raw, Mapping):
+            raise AdapterConfigError("adapter config must be a JSON object")
+        config = parse_config(raw, module_paths(list(tensors), is_lora_config(raw)))
         return adapter_from_state_dict(config, tensors, linear_shapes)
     except (AdapterFormatError, AdapterConfigError) as err:
         raise type(err)(f"{source}: {err}") from None
