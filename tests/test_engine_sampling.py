@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from engine_testing import load_default_tokenizer
 from prolora_serve.server.engine.detokenizer import IncrementalDetokenizer, StopStringText
 from prolora_serve.server.engine.sampling import (
     SamplingParams,
@@ -155,8 +156,8 @@ def test_logprobs_equal_float64_log_softmax_and_alternatives_are_the_top_k() -> 
 
 # --- detokenization -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tokenizer(default_tokenizer):
-    return default_tokenizer
+def tokenizer():
+    return load_default_tokenizer()
 
 
 @pytest.mark.parametrize("text", [
