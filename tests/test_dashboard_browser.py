@@ -1,0 +1,216 @@
+"""The dashboard page in Debian's headless Chromium against a real uvicorn server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from prolora_serve.server.api import dashboard
+
+from test_dashboard_api import REGISTRY, FakeRegistry, Record
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+GIB = 1 << 30
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class BackgroundServer:
+    """uvicorn on 127.0.0.1 in a thread; ``url`` once it accepts connections."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def registry() -> FakeRegistry:
+    return FakeRegistry(list(REGISTRY.records))
+
+
+@pytest.fixture(scope="module")
+def server(registry: FakeRegistry) -> Iterator[BackgroundServer]:
+    app = FastAPI()
+    app.state.engine = None
+    app.state.registry = registry
+    app.include_router(dashboard.router)
+    with BackgroundServer(app) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: install Debian's chromium (make browser)"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+class Page:
+    """A page plus every console error and uncaught exception it produced."""
+
+    def __init__(self, browser: Any, url: str) -> None:
+        self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        self.errors: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        with self.page.expect_response(lambda r: "/v1/capacity" in r.url) as first:
+            self.page.goto(url + "/dashboard")
+        self.last_capacity = first.value.json()
+        self.page.wait_for_selector("#numbers tbody tr[data-row-id]")
+
+    def change(self, selector: str, value: str) -> dict[str, Any]:
+        """Set a control; the JSON of the capacity request it caused."""
+        with self.page.expect_response(lambda r: "/v1/capacity" in r.url) as answer:
+            if self.page.locator(selector).evaluate("e => e.tagName") == "SELECT":
+                self.page.select_option(selector, value)
+            else:
+                self.page.fill(selector, value)
+        response = answer.value
+        self.page.wait_for_timeout(100)  # let the render finish
+        return {"status": response.status, "url": response.url, "body": response.json()}
+
+    def table(self) -> dict[str, dict[str, dict[str, str]]]:
+        return self.page.evaluate("""() => Object.fromEntries(
+            Array.from(document.querySelectorAll('#numbers tbody tr')).map(tr => [tr.dataset.rowId,
+              Object.fromEntries(Array.from(tr.cells).map(td => [td.dataset.field,
+                {value: td.dataset.value, text: td.textContent}]))]))""")
+
+
+@pytest.fixture()
+def page(browser: Any, server: BackgroundServer) -> Iterator[Page]:
+    opened = Page(browser, server.url)
+    yield opened
+    opened.page.close()
+
+
+def assert_table_matches(table: dict, body: dict) -> None:
+    assert list(table) == [row["id"] for row in body["rows"]]
+    for row in body["rows"]:
+        cells = table[row["id"]]
+        for field in ("r", "unshared_r", "reduce_a", "reduce_b", "params", "bytes_per_adapter", "fit"):
+            assert int(cells[field]["value"]) == row[field], (row["id"], field)
+        assert cells["fit"]["text"].replace(",", "") == str(row["fit"])
+        assert cells["params"]["text"] == f"{row['params'] / 1e6:.2f}M"
+        assert cells["label"]["text"] == row["label"]
+
+
+def test_page_shows_the_api_numbers_and_follows_the_inputs(page: Page) -> None:
+    first = page.last_capacity
+    assert first["memory_gb"] == 20.0 and page.page.input_value("#memory_gb") == "20"
+    assert_table_matches(page.table(), first)
+    assert page.page.text_content("#pair-ratio") == "2.00×"
+    assert page.page.text_content("#pair-prolora-fit") == f"{first['pairing']['prolora_fit']:,}"
+
+    changed = page.change("#memory_gb", "40")
+    assert changed["status"] == 200 and "memory_gb=40" in changed["url"]
+    body = changed["body"]
+    assert httpx.get(changed["url"]).json() == body  # what the page got is what the API says
+    assert rows_fit(body)["lora-r16"] == (40 * GIB) // (4 * 39_976_960)
+    assert_table_matches(page.table(), body)
+    assert page.page.text_content("#th-fit") == "Fit in 40 GiB"
+    assert page.page.locator("#fit-chart path[data-series]").count() == len(body["rows"])
+
+    base = page.change("#base", "llama2-70b")["body"]
+    assert base["base"]["name"] == "llama2-70b"
+    assert_table_matches(page.table(), base)
+    assert page.errors == []
+
+
+def rows_fit(body: dict) -> dict[str, int]:
+    return {row["id"]: row["fit"] for row in body["rows"]}
+
+
+def test_custom_row_and_a_bad_value(page: Page) -> None:
+    for selector, value in (("#r", "16"), ("#unshared_r", "2"), ("#reduce_a", "4")):
+        page.change(selector, value)
+    body = page.change("#reduce_b", "4")["body"]
+    custom = next(row for row in body["rows"] if row["custom"])
+    assert (custom["r"], custom["unshared_r"], custom["reduce_a"], custom["reduce_b"]) == (16, 2, 4, 4)
+    assert_table_matches(page.table(), body)
+    assert page.page.locator('tr[data-row-id="custom"]').count() == 1
+
+    bad = page.change("#unshared_r", "17")
+    assert bad["status"] == 400 and bad["body"]["error"]["param"] == "unshared_r"
+    assert page.page.is_visible("#form-error")
+    assert "unshared_r" in page.page.text_content("#form-error")
+    assert page.page.get_attribute("#unshared_r", "aria-invalid") == "true"
+    assert_table_matches(page.table(), body)  # the last good numbers stay on screen
+    page.change("#unshared_r", "2")
+    assert not page.page.is_visible("#form-error")
+    # The 400 is the only console error: the browser logs the failed fetch itself.
+    assert all("400" in error for error in page.errors)
+
+
+def test_gpu_budget_and_screenshot(page: Page) -> None:
+    body = page.change("#gpu_gb", "24")["body"]
+    gpu = body["gpu"]
+    assert gpu["gpu_gb"] == 24.0 and page.page.is_visible("#gpu-budget")
+    table = page.table()
+    for row in body["rows"]:
+        assert int(table[row["id"]]["fit_next_to_model"]["value"]) == row["fit_next_to_model"]
+    assert "24 GiB accelerator" in page.page.text_content("#gpu-title")
+    page.change("#gpu_gb", "80")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.page.wait_for_timeout(300)
+    page.page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+    assert page.errors == []
+
+
+def test_live_state_renders_and_refreshes_without_reload(page: Page, registry: FakeRegistry) -> None:
+    page.page.wait_for_function("() => document.querySelector('#cold-count').textContent === '2'")
+    assert page.page.text_content("#engine-pill") == "no engine attached"
+    cold = page.page.locator("#cold tbody tr[data-adapter-id]")
+    assert sorted(cold.evaluate_all("rows => rows.map(r => r.dataset.adapterId)")) == ["legacy-lora", "support-bot"]
+    assert "PRoLoRA r=32 u=4 m=n=7" in page.page.text_content('#cold tr[data-adapter-id="support-bot"]')
+    page.page.evaluate("() => { window.__marker = 'same page'; }")
+    registry.records.append(Record("new-upload", {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]},
+                                   64, 256))
+    try:
+        page.page.wait_for_function("() => document.querySelector('#cold-count').textContent === '3'",
+                                    timeout=10_000)
+    finally:
+        registry.records.pop()
+    assert page.page.evaluate("() => window.__marker") == "same page"  # refreshed in place
+    assert "LoRA r=4" in page.page.text_content('#cold tr[data-adapter-id="new-upload"]')
+    assert page.errors == []
