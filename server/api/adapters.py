@@ -23,7 +23,7 @@ MULTIPART_OVERHEAD = 64 * 1024  # boundaries, headers and the name field on top 
 
 
 def _residency(engine: Any) -> dict[str, Any]:
-    if engine is None:
+    if engine is None or engine.adapter_cache is None:
         return {}
     return {info.adapter_id: info for info in engine.adapter_cache.resident()}
 

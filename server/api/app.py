@@ -52,7 +52,7 @@ class Runtime:
 
 
 def _build_engine(config: ServerConfig, source: DeferredAdapterSource) -> Any:
-    from prolora_serve.server.engine.engine import AsyncLLMEngine
+    from prolora_serve.server.engine.async_engine import AsyncLLMEngine
 
     return AsyncLLMEngine.from_config(config.engine_config(), adapter_source=source)
 
@@ -70,9 +70,14 @@ def open_runtime(config: ServerConfig, engine: Any = None,
         added = registry.register_directory(directory)
         log.info("registered %d adapters from %s", len(added), directory)
     engine.start()
-    engine_config = getattr(engine, "config", None)
-    max_len = getattr(engine_config, "max_model_len", config.max_model_len)
-    return Runtime(engine, registry, int(max_len))
+    return Runtime(engine, registry, _max_len(engine, config))
+
+
+def _max_len(engine: Any, config: ServerConfig) -> int:
+    """Tokens one sequence may hold: the engine's own limit (model positions, KV cache) when
+    it reports one, else the configured ``max_model_len``."""
+    limit = getattr(getattr(engine, "engine", None), "max_len", None)
+    return int(limit if limit is not None else config.max_model_len)
 
 
 @asynccontextmanager

@@ -84,14 +84,11 @@ def encode(engine: Any, text: str, add_special_tokens: bool = True) -> list[int]
 
 
 def token_budget(state: ServingState, requested: int | None, prompt_len: int) -> int:
-    """``max_tokens``; when absent, whatever room the context has left."""
+    """``max_tokens``; when absent, whatever room the context has left (the engine also stops
+    every sequence at its length limit with finish_reason "length")."""
     if requested is not None:
         return requested
-    room = state.max_model_len - prompt_len
-    if room < 1:
-        raise APIError(400, f"the prompt has {prompt_len} tokens; the model's context holds "
-                       f"{state.max_model_len}", param="messages", code="context_length_exceeded")
-    return room
+    return max(state.max_model_len - prompt_len, 1)  # the engine refuses prompts that cannot fit
 
 
 def sampling_params(req: _Request, max_tokens: int, *, logprobs: int | None = None,

@@ -92,12 +92,25 @@ def _validation_message(error: dict[str, Any]) -> str:
     return f"{param}: {message}" if param else message
 
 
+def _common_loc(errors: list[dict[str, Any]]) -> tuple[Any, ...]:
+    """The first error's location, cut to what its sibling errors share: a union field
+    (``prompt`` takes four forms) reports one error per form, tagged by the form's type."""
+    first = tuple(errors[0].get("loc", ())) if errors else ()
+    siblings = [tuple(e.get("loc", ())) for e in errors if tuple(e.get("loc", ()))[:2] == first[:2]]
+    common = first
+    for loc in siblings:
+        size = 0
+        while size < min(len(common), len(loc)) and common[size] == loc[size]:
+            size += 1
+        common = common[:size]
+    return common
+
+
 async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
-    first = errors[0] if errors else {}
     message = "; ".join(_validation_message(e) for e in errors[:5]) or "invalid request"
-    param = _param_of(tuple(first.get("loc", ())))
-    return error_response(APIError(400, message, param=param, code="invalid_value"))
+    return error_response(APIError(400, message, param=_param_of(_common_loc(errors)),
+                                   code="invalid_value"))
 
 
 async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

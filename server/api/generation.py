@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
 
+from prolora_serve.server.engine.errors import EngineError
 from prolora_serve.server.engine.sampling import SamplingParams
 
 from .errors import APIError
@@ -63,6 +64,10 @@ async def _pump(engine: Any, request_id: str, job: ChoiceJob, adapter_id: str | 
         async for output in engine.generate(f"{request_id}-{job.index}", job.prompt, job.params,
                                             adapter_id):
             await queue.put((job.index, output))
+    except EngineError as err:
+        await queue.put((job.index, err))
+    except ValueError as err:  # the engine's own checks on the prompt/params: bad input
+        await queue.put((job.index, APIError(400, str(err), code="invalid_value")))
     except Exception as err:  # noqa: BLE001 - re-raised by the consumer
         await queue.put((job.index, err))
     finally:

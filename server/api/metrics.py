@@ -7,6 +7,7 @@ engine's gauges and cache counters are read from ``engine.stats()`` at scrape ti
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from fastapi import APIRouter, Request
@@ -19,6 +20,22 @@ PREFIX = "prolora"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+@dataclass
+class _EmptyCacheStats:
+    """Stands in when the engine runs without an adapter cache."""
+
+    budget_bytes: int = 0
+    used_bytes: int = 0
+    num_resident: int = 0
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+
+
+_NO_CACHE = _EmptyCacheStats()
+
+
 class EngineCollector(Collector):
     """Reads live engine, cache and registry state at every scrape."""
 
@@ -26,7 +43,7 @@ class EngineCollector(Collector):
         self.app_state = app_state
 
     def _gauges(self, stats: Any, registry: Any) -> Iterator[GaugeMetricFamily]:
-        cache = stats.adapter_cache
+        cache = stats.adapter_cache or _NO_CACHE
         for name, doc, value in (
             ("queue_depth", "requests waiting to be scheduled", stats.num_waiting),
             ("running_requests", "requests in the running batch", stats.num_running),
@@ -54,7 +71,7 @@ class EngineCollector(Collector):
             return
         stats = engine.stats()
         yield from self._gauges(stats, getattr(self.app_state, "registry", None))
-        yield from self._counters(stats.adapter_cache)
+        yield from self._counters(stats.adapter_cache or _NO_CACHE)
 
 
 class ServerMetrics:

@@ -39,7 +39,7 @@ def get_model(model_id: str, request: Request) -> ModelCard:
 def health(request: Request) -> JSONResponse:
     state = request.app.state
     engine = getattr(state, "engine", None)
-    running = engine is not None and not getattr(state, "stopping", False)
+    running = engine is not None and engine.is_running and not state.stopping
     body = Health(status="ok" if running else "unavailable", model=getattr(state, "model_name", None),
                   adapters=len(state.registry) if getattr(state, "registry", None) is not None else None)
     return JSONResponse(body.model_dump(), status_code=200 if running else 503)
