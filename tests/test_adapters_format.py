@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from prolora_serve.adapters.config import AdapterConfigError, ProLoRAConfig
@@ -75,6 +75,12 @@ def layer_configs(draw):
 @given(fields=layer_configs(), h=st.integers(1, 40), o=st.integers(1, 40),
        single_file=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]))
+@example(fields=dict(r=4, unshared_r=0, reduce_lora_A_x=3, reduce_lora_B_x=5, lora_alpha=8),
+         h=10, o=11, single_file=False, dtype=torch.float32)  # u = 0, h and o not multiples
+@example(fields=dict(r=4, unshared_r=4, reduce_lora_A_x=3, reduce_lora_B_x=5, lora_alpha=8),
+         h=10, o=11, single_file=True, dtype=torch.bfloat16)  # u = r: plain LoRA structure
+@example(fields=dict(r=5, unshared_r=2, reduce_lora_A_x=1, reduce_lora_B_x=1, lora_alpha=8),
+         h=7, o=3, single_file=True, dtype=torch.float16)  # m = n = 1
 def test_round_trip_both_forms(fields, h, o, single_file, dtype):
     config = make_config(**fields)
     shapes = base_shapes(h, o, layers=1)

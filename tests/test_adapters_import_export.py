@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from prolora_serve.adapters.config import AdapterConfigError, ProLoRAConfig
@@ -120,10 +120,14 @@ def test_compress_recovers_exported_adapter(linear_shapes, tmp_path):
 
 
 @settings(max_examples=30, deadline=None)
-@given(h=st.integers(1, 30), o=st.integers(1, 30), r=st.integers(1, 8), data=st.data())
-def test_compress_round_trip_random_specs(h, o, r, data):
-    u = data.draw(st.integers(0, r))
-    m, n = data.draw(st.integers(1, 7)), data.draw(st.integers(1, 7))
+@given(h=st.integers(1, 30), o=st.integers(1, 30), r=st.integers(1, 8), u=st.integers(0, 8),
+       m=st.integers(1, 7), n=st.integers(1, 7))
+@example(h=10, o=11, r=4, u=0, m=3, n=5)  # u = 0, dims not multiples of m, n
+@example(h=10, o=11, r=4, u=4, m=3, n=5)  # u = r
+@example(h=24, o=36, r=8, u=2, m=1, n=6)  # m = 1
+@example(h=5, o=3, r=8, u=1, m=7, n=7)  # more chunks than columns
+def test_compress_round_trip_random_specs(h, o, r, u, m, n):
+    u = min(u, r)
     config = ProLoRAConfig(r=r, unshared_r=u, reduce_lora_A_x=m, reduce_lora_B_x=n,
                            lora_alpha=2 * r, target_modules=("q_proj",))
     adapter = random_adapter(config, {"model.layers.0.self_attn.q_proj": (h, o)},
