@@ -38,7 +38,10 @@ static void row_delta(const float* x, const float* a0, const float* b0t, const f
     const int64_t start = i * d.cA;
     if (start >= d.h) break;
     const int64_t len = std::min(d.cA, d.h - start);
-    for (int64_t k = 0; k < d.R; ++k) z[k] += dot(x + start, a0 + ((k + i * d.sA) % d.R) * d.cA, len);
+    // Each row of A0 is read once per chunk; its product lands on the rotated rank.
+    for (int64_t row = 0; row < d.R; ++row) {
+      z[((row - i * d.sA) % d.R + d.R) % d.R] += dot(x + start, a0 + row * d.cA, len);
+    }
   }
   for (int64_t q = 0; q < d.u; ++q) su[q] = scale * dot(au + q * d.h, x, d.h);
   std::fill(out, out + d.o, 0.f);
