@@ -133,6 +133,8 @@ def _build(raw: Any, tensors: dict[str, torch.Tensor], linear_shapes: LinearShap
     try:
         if not isinstance(raw, Mapping):
             raise AdapterConfigError("adapter config must be a JSON object")
+        if not tensors:
+            raise AdapterFormatError("adapter is empty: the file holds no tensors")
         config = parse_config(raw, module_paths(list(tensors), is_lora_config(raw)))
         return adapter_from_state_dict(config, tensors, linear_shapes)
     except (AdapterFormatError, AdapterConfigError) as err:
