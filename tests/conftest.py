@@ -55,7 +55,8 @@ def build_tiny_llama(vocab_size: int, seed: int = 0):
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, tie_word_embeddings=True,
-                         pad_token_id=1, eos_token_id=3, bos_token_id=2)
+                         pad_token_id=1, eos_token_id=3, bos_token_id=2,
+                         initializer_range=0.3)  # logits wide enough for an adapter to fit data
     return LlamaForCausalLM(config).eval()
 
 
