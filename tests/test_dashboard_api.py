@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -220,3 +222,79 @@ def test_unknown_assets_are_404(client: TestClient, name: str) -> None:
     response = client.get(f"/dashboard/static/{name}")
     assert response.status_code == 404
     assert "import" not in response.text  # no source file leaks out
+
+
+# --- the real app: a tiny random LLaMA served by uvicorn, real registry and engine -------------
+
+MiB = 1 << 20
+REAL_ADAPTERS = {
+    "alpha": acc.AdapterVariant(8, 2, 3, 5).config(),
+    "beta": acc.lora(4).config(("q_proj", "v_proj", "down_proj")),
+    "gamma": acc.AdapterVariant(16, 0, 4, 4).config(("gate_proj", "up_proj", "o_proj")),
+}
+
+
+def start_real_server(live_server: Any, model_dir: Path, root: Path, **overrides: Any) -> Any:
+    """The real app (create_app) on a tiny fp32 model with three registered adapters."""
+    from prolora_serve.adapters.format import save_adapter
+    from prolora_serve.server.config import ServerConfig
+
+    settings = dict(model=str(model_dir), dtype="fp32", adapter_dir=root / "adapters",
+                    adapter_memory=16 * MiB, kv_cache_memory=16 * MiB, max_batch=4, max_model_len=128)
+    server = live_server(ServerConfig(**{**settings, **overrides}))
+    registry = server.app.state.registry
+    for seed, (adapter_id, config) in enumerate(REAL_ADAPTERS.items()):
+        path = root / f"{adapter_id}.safetensors"
+        save_adapter(random_adapter(config, registry.linear_shapes, seed=seed), path, single_file=True)
+        registry.register_path(adapter_id, path)
+    return server
+
+
+def complete(server: Any, adapter_id: str, headers: dict[str, str] | None = None) -> None:
+    response = httpx.post(f"{server.url}/v1/completions", headers=headers or {}, timeout=120,
+                          json={"model": adapter_id, "prompt": "the cat sat", "max_tokens": 3})
+    assert response.status_code == 200, response.text
+
+
+@pytest.fixture(scope="module")
+def real_server(live_server: Any, tiny_llama_dir: Path, tmp_path_factory: Any) -> Any:
+    server = start_real_server(live_server, tiny_llama_dir, tmp_path_factory.mktemp("dashboard"))
+    yield server
+    server.stop()
+
+
+def test_real_app_capacity_for_the_loaded_model(real_server: Any) -> None:
+    engine, registry = real_server.app.state.engine, real_server.app.state.registry
+    body = httpx.get(f"{real_server.url}/v1/capacity", params={"base": "loaded", "gpu_gb": "1", "r": "8",
+                                                                "unshared_r": "2", "reduce_a": "3",
+                                                                "reduce_b": "5"}).json()
+    assert "loaded" in body["choices"]["bases"]
+    assert (body["base"]["source"], body["base"]["name"]) == ("loaded", engine.model_name)
+    # The calculator's module paths and shapes are the served model's own.
+    assert acc.ModelShape.from_config(engine.hf_config).linear_shapes() == registry.linear_shapes
+    assert body["base"]["weight_bytes"] == engine.loaded.nbytes
+    assert body["gpu"]["kv_cache_bytes"] == engine.stats().kv_cache_bytes
+    custom = rows_by_id(body)["custom"]
+    assert custom["params"] == registry.get("alpha").num_params
+    assert custom["bytes_per_adapter"] == registry.get("alpha").nbytes
+
+
+def test_real_app_state_follows_residency(real_server: Any) -> None:
+    engine, registry = real_server.app.state.engine, real_server.app.state.registry
+    complete(real_server, "alpha")
+    state = httpx.get(f"{real_server.url}/v1/dashboard/state").json()
+    assert state["engine_running"] is True and state["model"] == engine.model_name
+    assert state["base_model_bytes"] == engine.loaded.nbytes
+    assert state["kv_cache"]["kv_cache_bytes"] == engine.stats().kv_cache_bytes
+    assert state["num_registered"] == 3
+    resident = {entry["id"]: entry for entry in state["resident"]}
+    assert list(resident) == ["alpha"]
+    assert {entry["id"] for entry in state["cold"]} == {"beta", "gamma"}
+    alpha = resident["alpha"]
+    # Residency overhead 0: resident bytes are the compact parameters at the pool's 4 bytes.
+    assert alpha["nbytes"] == registry.get("alpha").nbytes == 4 * alpha["num_params"]
+    assert alpha["in_use"] == 0 and alpha["label"] == "PRoLoRA r=8 u=2 m=3 n=5"
+    cache = state["adapter_cache"]
+    assert cache["used_bytes"] == alpha["nbytes"] and cache["budget_bytes"] == 16 * MiB
+    assert cache["loads"] == 1 and cache["misses"] >= 1
+    assert state["counters"]["num_finished"] >= 1 and state["counters"]["generated_tokens"] >= 3

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from prolora_serve.server.api import dashboard
 
-from test_dashboard_api import REGISTRY, FakeRegistry, Record
+from test_dashboard_api import REGISTRY, FakeRegistry, Record, complete, start_real_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
@@ -110,10 +110,15 @@ class Page:
         return {"status": response.status, "url": response.url, "body": response.json()}
 
     def table(self) -> dict[str, dict[str, dict[str, str]]]:
-        return self.page.evaluate("""() => Object.fromEntries(
-            Array.from(document.querySelectorAll('#numbers tbody tr')).map(tr => [tr.dataset.rowId,
-              Object.fromEntries(Array.from(tr.cells).map(td => [td.dataset.field,
-                {value: td.dataset.value, text: td.textContent}]))]))""")
+        return numbers_table(self.page)
+
+
+def numbers_table(page: Any) -> dict[str, dict[str, dict[str, str]]]:
+    """Row id -> field -> the cell's data-value and shown text."""
+    return page.evaluate("""() => Object.fromEntries(
+        Array.from(document.querySelectorAll('#numbers tbody tr')).map(tr => [tr.dataset.rowId,
+          Object.fromEntries(Array.from(tr.cells).map(td => [td.dataset.field,
+            {value: td.dataset.value, text: td.textContent}]))]))""")
 
 
 @pytest.fixture()
@@ -123,6 +128,14 @@ def page(browser: Any, server: BackgroundServer) -> Iterator[Page]:
     opened.page.close()
 
 
+def short_count(n: int) -> str:
+    """How the page abbreviates a parameter count (5.00M, 14.85K)."""
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.2f}{suffix}"
+    return str(n)
+
+
 def assert_table_matches(table: dict, body: dict) -> None:
     assert list(table) == [row["id"] for row in body["rows"]]
     for row in body["rows"]:
@@ -130,7 +143,7 @@ def assert_table_matches(table: dict, body: dict) -> None:
         for field in ("r", "unshared_r", "reduce_a", "reduce_b", "params", "bytes_per_adapter", "fit"):
             assert int(cells[field]["value"]) == row[field], (row["id"], field)
         assert cells["fit"]["text"].replace(",", "") == str(row["fit"])
-        assert cells["params"]["text"] == f"{row['params'] / 1e6:.2f}M"
+        assert cells["params"]["text"] == short_count(row["params"])
         assert cells["label"]["text"] == row["label"]
 
 
@@ -214,3 +227,53 @@ def test_live_state_renders_and_refreshes_without_reload(page: Page, registry: F
     assert page.page.evaluate("() => window.__marker") == "same page"  # refreshed in place
     assert "LoRA r=4" in page.page.text_content('#cold tr[data-adapter-id="new-upload"]')
     assert page.errors == []
+
+
+# --- the real app (create_app): API key, a served model, real residency -----------------------
+
+API_KEY = "dashboard-test-key"
+BEARER = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def keyed_server(live_server: Any, tiny_llama_dir: Path, tmp_path_factory: Any) -> Iterator[Any]:
+    server = start_real_server(live_server, tiny_llama_dir, tmp_path_factory.mktemp("keyed"),
+                               api_key=API_KEY)
+    yield server
+    server.stop()
+
+
+def test_real_app_page_asks_for_the_key_then_shows_live_residency(browser: Any, keyed_server: Any) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(keyed_server.url + "/dashboard")
+    page.wait_for_selector("#key-form", state="visible")
+    assert page.locator("#numbers tbody tr[data-row-id]").count() == 0
+    complete(keyed_server, "gamma", headers=BEARER)
+
+    page.fill("#api-key", API_KEY)
+    with page.expect_response(lambda r: "/v1/capacity" in r.url) as answer:
+        page.click("#key-form button")
+    assert answer.value.status == 200
+    page.wait_for_selector("#numbers tbody tr[data-row-id]")
+    page.wait_for_function("() => document.querySelector('#resident-count').textContent === '1'")
+    assert not page.is_visible("#key-form")
+    assert page.text_content("#engine-pill") == f"serving {keyed_server.app.state.model_name}"
+    resident = page.locator("#resident tbody tr[data-adapter-id]")
+    assert resident.evaluate_all("rows => rows.map(r => r.dataset.adapterId)") == ["gamma"]
+    record = keyed_server.app.state.registry.get("gamma")
+    assert int(page.get_attribute('#resident tr[data-adapter-id="gamma"] td[data-value]', "data-value")) == record.nbytes
+    assert page.text_content("#cold-count") == "2"
+
+    with page.expect_response(lambda r: "base=loaded" in r.url) as loaded:
+        page.select_option("#base", "loaded")
+    body = loaded.value.json()
+    assert body == httpx.get(loaded.value.url, headers=BEARER).json()
+    page.wait_for_timeout(100)
+    assert_table_matches(numbers_table(page), body)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-live.png"), full_page=True)
+    assert all("401" in error for error in errors), errors
+    page.close()

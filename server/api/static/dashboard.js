@@ -19,7 +19,12 @@
 
   // --- formatting -------------------------------------------------------------------------
   const fmtInt = (n) => Number(n).toLocaleString("en-US");
-  const fmtParams = (n) => (n / 1e6).toFixed(2) + "M";
+  function fmtParams(n) {
+    for (const [size, suffix] of [[1e9, "B"], [1e6, "M"], [1e3, "K"]]) {
+      if (n >= size) return (n / size).toFixed(2) + suffix;
+    }
+    return String(n);
+  }
   const fmtRatio = (x) => (x === null || x === undefined ? "–" : x.toFixed(2) + "×");
 
   function fmtBytes(bytes) {
@@ -196,8 +201,8 @@
 
   function linearTicks(max, count) {
     const step = niceStep(max || 1, count);
-    const ticks = [];
-    for (let v = 0; v <= max + step * 1e-9; v += step) ticks.push(v);
+    const ticks = [0];
+    while (ticks[ticks.length - 1] < max) ticks.push(ticks.length * step);  // the top tick covers max
     return ticks;
   }
 
@@ -209,6 +214,7 @@
     frame.xMax = xs[xs.length - 1];
     frame.yTicks = useLog ? logTicks(maxY) : linearTicks(maxY, 5);
     frame.yMax = frame.yTicks[frame.yTicks.length - 1];
+    frame.left = 30 + 7 * fmtInt(frame.yMax).length;  // room for the widest tick label
     frame.x = (v) => frame.left + (v / frame.xMax) * (frame.width - frame.left - frame.right);
     const plotH = frame.height - frame.top - frame.bottom;
     frame.y = useLog
@@ -369,8 +375,9 @@
   }
 
   // --- live state -------------------------------------------------------------------------------
-  function stat(key, value, id) {
-    return el("div", {class: "stat", "data-stat": id}, el("div", {class: "k"}, key), el("div", {class: "v"}, value));
+  function stat(key, value, id, detail = "") {
+    return el("div", {class: "stat", "data-stat": id}, el("div", {class: "k"}, key),
+              el("div", {class: "v"}, value), el("div", {class: "d"}, detail));
   }
 
   function renderStats(state) {
@@ -378,16 +385,18 @@
     const kv = state.kv_cache;
     const sched = state.scheduler;
     const counters = state.counters;
-    const blocks = kv && kv.kv_blocks_total !== null ? ` · ${fmtInt(kv.kv_blocks_used)}/${fmtInt(kv.kv_blocks_total)} blocks` : "";
+    const blocks = kv && kv.kv_blocks_total !== null ? `${fmtInt(kv.kv_blocks_used)} of ${fmtInt(kv.kv_blocks_total)} blocks in use` : "";
     $("live-stats").replaceChildren(
       stat("Base model weights", fmtBytes(state.base_model_bytes), "base_model_bytes"),
-      stat("KV cache", kv ? fmtBytes(kv.kv_cache_bytes) + blocks : "—", "kv_cache"),
-      stat("Adapter cache", cache ? `${fmtBytes(cache.used_bytes)} / ${fmtBytes(cache.budget_bytes)}` : "—", "adapter_cache"),
+      stat("KV cache", kv ? fmtBytes(kv.kv_cache_bytes) : "—", "kv_cache", blocks),
+      stat("Adapter cache", cache ? fmtBytes(cache.used_bytes) : "—", "adapter_cache",
+           cache ? `of ${fmtBytes(cache.budget_bytes)} budget` : ""),
       stat("Hit rate", cache && cache.hit_rate !== null ? (100 * cache.hit_rate).toFixed(1) + "%" : "—", "hit_rate"),
       stat("Hits / misses", cache ? `${fmtInt(cache.hits)} / ${fmtInt(cache.misses)}` : "—", "hits_misses"),
       stat("Loads / evictions", cache ? `${fmtInt(cache.loads)} / ${fmtInt(cache.evictions)}` : "—", "loads_evictions"),
       stat("Running / waiting", sched ? `${fmtInt(sched.num_running ?? 0)} / ${fmtInt(sched.num_waiting ?? 0)}` : "—", "running_waiting"),
-      stat("Last batch", sched && sched.last_batch_size !== null ? `${fmtInt(sched.last_batch_size)} seqs · ${fmtInt(sched.last_batch_tokens ?? 0)} tokens` : "—", "last_batch"),
+      stat("Last batch", sched && sched.last_batch_size !== null ? fmtInt(sched.last_batch_size) : "—", "last_batch",
+           sched && sched.last_batch_tokens !== null ? `sequences · ${fmtInt(sched.last_batch_tokens)} token rows` : ""),
       stat("Requests finished", counters && counters.num_finished !== null ? fmtInt(counters.num_finished) : "—", "num_finished"),
       stat("Generated tokens", counters && counters.generated_tokens !== null ? fmtInt(counters.generated_tokens) : "—", "generated_tokens"),
       stat("Registered adapters", state.num_registered === null ? "—" : fmtInt(state.num_registered), "num_registered"));
