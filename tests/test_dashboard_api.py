@@ -9,6 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -16,6 +18,7 @@ from prolora_serve.adapters import accounting as acc
 from prolora_serve.adapters.factory import random_adapter
 from prolora_serve.adapters.presets import preset
 from prolora_serve.server.api import dashboard
+from prolora_serve.server.api.capacity import CapacityRequestError, capacity_json
 
 GIB = 1 << 30
 TABLE1_7B = {"lora-r2": 4_997_120, "lora-r8": 19_988_480, "lora-r16": 39_976_960,
@@ -187,6 +190,25 @@ def test_bad_queries_get_400_in_openai_error_shape(client: TestClient, params: d
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert param in error["message"] or "r is required" in error["message"]
+
+
+QUERY_NAMES = ("memory_gb", "base", "dtype", "r", "unshared_r", "reduce_a", "reduce_b", "gpu_gb",
+               "kv_cache_gb", "weight_dtype", "target_modules")
+query_values = st.one_of(st.text(max_size=12), st.integers(-5, 70000).map(str),
+                         st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                         st.sampled_from(["llama2-13b", "smollm2-135m", "bf16", "int8", "q_proj,up_proj"]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(params=st.dictionaries(st.sampled_from(QUERY_NAMES), query_values, max_size=6))
+def test_any_query_gives_a_report_or_a_named_400(params: dict[str, str]) -> None:
+    try:
+        body = capacity_json(params, None)
+    except CapacityRequestError as err:
+        assert err.param in QUERY_NAMES and str(err)
+        return
+    for row in body["rows"]:
+        assert row["fit"] == body["memory_bytes"] // row["bytes_per_adapter"]
 
 
 def test_state_without_engine_lists_registered_adapters_as_cold(client: TestClient) -> None:

@@ -23,6 +23,7 @@ LOADED = "loaded"
 DEFAULT_BASE = "llama2-7b"
 DEFAULT_MEMORY_GB = 20.0
 MAX_GB = 1e6  # one PiB: beyond any accelerator, keeps the numbers printable
+MIN_GB = 1e-6  # one KiB: below it nothing fits and the chart's axis degenerates
 MAX_RANK = 65536
 CURVE_POINTS = 41
 CUSTOM_ID = "custom"
@@ -49,7 +50,8 @@ class CapacityQuery:
 
 
 # --- parsing ------------------------------------------------------------------------------
-def _parse_float(params: Mapping[str, str], name: str, low: float, allow_low: bool) -> float | None:
+def _parse_float(params: Mapping[str, str], name: str, low: float) -> float | None:
+    """A GiB amount in [low, MAX_GB]; None when absent."""
     raw = params.get(name)
     if raw is None or raw.strip() == "":
         return None
@@ -57,11 +59,9 @@ def _parse_float(params: Mapping[str, str], name: str, low: float, allow_low: bo
         value = float(raw)
     except ValueError:
         raise CapacityRequestError(name, f"{name} must be a number, got {raw!r}") from None
-    bound_ok = value >= low if allow_low else value > low
-    if not math.isfinite(value) or not bound_ok or value > MAX_GB:
-        relation = ">=" if allow_low else ">"
-        raise CapacityRequestError(name, f"{name} must be a finite number {relation} {low:g} and "
-                                         f"<= {MAX_GB:g} (GiB), got {raw!r}")
+    if not math.isfinite(value) or not low <= value <= MAX_GB:
+        raise CapacityRequestError(name, f"{name} must be a number in [{low:g}, {MAX_GB:g}] (GiB), "
+                                         f"got {raw!r}")
     return value
 
 
@@ -114,14 +114,14 @@ def _parse_targets(params: Mapping[str, str]) -> tuple[str, ...]:
 
 def parse_capacity_query(params: Mapping[str, str], bases: tuple[str, ...]) -> CapacityQuery:
     """Validate raw query strings; ``bases`` are the base names this server can answer for."""
-    memory = _parse_float(params, "memory_gb", 0.0, allow_low=False)
+    memory = _parse_float(params, "memory_gb", MIN_GB)
     return CapacityQuery(
         memory_gb=DEFAULT_MEMORY_GB if memory is None else memory,
         base=_parse_choice(params, "base", bases) or DEFAULT_BASE,
         dtype=_parse_choice(params, "dtype", tuple(acc.ADAPTER_DTYPE_BYTES)) or "fp32",
         custom=_parse_custom(params),
-        gpu_gb=_parse_float(params, "gpu_gb", 0.0, allow_low=False),
-        kv_cache_gb=_parse_float(params, "kv_cache_gb", 0.0, allow_low=True),
+        gpu_gb=_parse_float(params, "gpu_gb", MIN_GB),
+        kv_cache_gb=_parse_float(params, "kv_cache_gb", 0.0),
         weight_dtype=_parse_choice(params, "weight_dtype", acc.WEIGHT_DTYPES),
         target_modules=_parse_targets(params),
     )
