@@ -99,9 +99,11 @@ class ServerMetrics:
 
 
 def _endpoint(scope: dict[str, Any]) -> str:
-    """The route template (``/adapters/{adapter_id}``), never the raw path: bounded labels."""
+    """The route template (``/adapters/{adapter_id}``), never a raw unmatched path: bounded labels."""
     route = scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
+    if route is not None:
+        return route.path
+    return scope["path"] if "endpoint" in scope else "unmatched"  # plain Starlette routes
 
 
 class MetricsMiddleware:
