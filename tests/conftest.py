@@ -23,6 +23,15 @@ def default_model_dir() -> Path:
     return default_model_hf_dir()
 
 
+@pytest.fixture(scope="session")
+def default_model_nf4():
+    """The embedded default model loaded once with NF4 weights (a LoadedModel); engines built on
+    it wrap its projections for adapters (idempotent), so build one engine at a time."""
+    from prolora_serve.server.engine.loader import load_base_model
+
+    return load_base_model(None, "nf4")
+
+
 # --- training: a tiny LLaMA and a word-level chat tokenizer (no download, seconds to build) ---
 
 TINY_WORDS = ("the cat dog sat on mat a red blue green sky is bonjour oui non merci what color "
