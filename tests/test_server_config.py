@@ -1,0 +1,72 @@
+"""ServerConfig, size parsing, and the container files agreeing with the CLI."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prolora_serve.server import cli
+from prolora_serve.server.config import ServerConfig, env_name, parse_size
+
+DOCKER = Path(__file__).resolve().parent.parent / "docker"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("256MiB", 256 << 20), ("1GB", 10**9), ("1GiB", 1 << 30), ("512M", 512 << 20),
+    ("1048576", 1 << 20), (" 2 kib ", 2048), ("1.5GiB", 3 << 29), ("7b", 7), (42, 42),
+])
+def test_parse_size(text, expected) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1MiB", "1 PB", "MiB", "1e9"])
+def test_parse_size_refuses_garbage(text) -> None:
+    with pytest.raises(ValueError, match="invalid size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dtype": "fp8"}, "dtype"), ({"port": 70000}, "port"), ({"max_batch": 0}, "max_batch"),
+    ({"adapter_memory": -5}, "adapter_memory"), ({"max_upload_size": 0}, "max_upload_size"),
+])
+def test_server_config_validates(overrides, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServerConfig(**overrides)
+
+
+def test_empty_keys_mean_no_key_and_engine_config_carries_the_settings(tmp_path) -> None:
+    config = ServerConfig(api_key="", admin_key="", adapter_memory=3 << 20, kv_cache_memory=5 << 20,
+                          max_batch=4, max_model_len=64, adapter_dir=tmp_path)
+    assert config.api_key is None and config.admin_key is None
+    engine = config.engine_config()
+    assert (engine.adapter_memory_bytes, engine.kv_cache_bytes, engine.max_batch,
+            engine.max_model_len, engine.dtype, engine.model) == (3 << 20, 5 << 20, 4, 64, "nf4", None)
+
+
+def _serve_env_names() -> set[str]:
+    parser = cli.build_parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]  # noqa: SLF001 - argparse internals
+    return {env_name(opt) for action in serve._actions for opt in action.option_strings
+            if opt.startswith("--") and opt != "--help"}
+
+
+def test_container_files_only_set_real_settings() -> None:
+    known = _serve_env_names() | {"PROLORA_SERVE_CACHE"}  # the loader's model cache
+    for name in ("Dockerfile.cpu", "Dockerfile.cuda", "compose.yaml"):
+        used = set(re.findall(r"PROLORA_SERVE_[A-Z_]+", (DOCKER / name).read_text()))
+        assert used and used <= known, (name, used - known)
+
+
+def test_dockerfiles_copy_what_the_package_needs() -> None:
+    root = DOCKER.parent
+    for name in ("Dockerfile.cpu", "Dockerfile.cuda"):
+        text = (DOCKER / name).read_text()
+        assert "make env" in text and 'CMD ["serve"]' in text
+        for folder in ("adapters", "kernels", "server", "clients"):
+            assert f"COPY {folder} ./{folder}" in text and (root / folder).is_dir()
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    dockerfiles = {s["build"]["dockerfile"] for s in compose["services"].values()}
+    assert dockerfiles == {"docker/Dockerfile.cpu", "docker/Dockerfile.cuda"}
