@@ -200,3 +200,22 @@ def test_concurrent_uploads_of_one_id_have_one_winner(registry: AdapterRegistry)
     assert sorted(outcomes) == ["duplicate"] * 3 + ["ok"]
     stored = json.loads((registry.root / "race.json").read_text())
     assert stored["stored_bytes"] == (registry.root / "race.safetensors").stat().st_size
+
+
+def test_restart_indexes_many_adapters_from_headers_only(tmp_path: Path, monkeypatch) -> None:
+    import prolora_serve.adapters.format as adapter_format
+
+    first = AdapterRegistry(tmp_path, SHAPES)
+    template = first.register_upload("t", file=io.BytesIO(adapter_bytes()))
+    weights = (tmp_path / "t.safetensors").read_bytes()
+    for i in range(300):
+        (tmp_path / f"copy-{i}.safetensors").write_bytes(weights)
+        record = {**template.to_json(), "adapter_id": f"copy-{i}"}
+        (tmp_path / f"copy-{i}.json").write_text(json.dumps(record))
+
+    def no_tensor_reads(*args, **kwargs):
+        raise AssertionError("restart must not read tensor data")
+
+    monkeypatch.setattr(adapter_format, "load_adapter", no_tensor_reads)
+    second = AdapterRegistry(tmp_path, SHAPES)
+    assert len(second) == 301 and second.get("copy-299").num_params == template.num_params

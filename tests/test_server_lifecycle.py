@@ -86,8 +86,17 @@ def test_register_restart_and_eviction(live_server, tiny_llama_dir, tmp_path) ->
     second.stop()
 
 
-def test_queue_full_is_429_and_the_server_recovers(live_server, tiny_llama_dir, tmp_path) -> None:
-    server = live_server(tiny(tiny_llama_dir, tmp_path / "store", max_batch=1, max_queue=1))
+def test_queue_full_is_429_and_too_large_adapter_is_413(live_server, tiny_llama_dir, tmp_path) -> None:
+    server = live_server(tiny(tiny_llama_dir, tmp_path / "store", max_batch=1, max_queue=1,
+                              adapter_memory=1024))
+    shapes = server.app.state.registry.linear_shapes
+    path = tmp_path / "big.safetensors"
+    save_adapter(random_adapter(CONFIGS[0], shapes, b_std=0.3), path, single_file=True)
+    with open(path, "rb") as handle:
+        assert httpx.post(f"{server.url}/adapters", data={"name": "big"},
+                          files={"file": handle}).status_code == 201
+    too_large = complete(server.url, "big")
+    assert too_large.status_code == 413 and too_large.json()["error"]["code"] == "adapter_too_large"
 
     async def flood() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
