@@ -101,6 +101,9 @@ class ServerConfig:
                 setattr(self, name, None)  # an empty env var means "no key", never "the empty key"
         self.adapter_dir = Path(self.adapter_dir).expanduser()
         self.register = [Path(p).expanduser() for p in self.register]
+        missing = [str(p) for p in self.register if not p.is_dir()]
+        if missing:
+            raise ValueError(f"--register: no such directory: {', '.join(missing)}")
 
     def engine_config(self) -> Any:
         """The engine's ``EngineConfig`` (imported lazily: torch is heavy)."""

@@ -110,6 +110,8 @@ def test_cli_reads_settings_from_env(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("PROLORA_SERVE_PORT", "9123")
     monkeypatch.setenv("PROLORA_SERVE_REGISTER", f"{tmp_path}/a:{tmp_path}/b")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     args = cli.build_parser().parse_args(["serve", "--port", "9000", "--kv-cache-memory", "64MiB"])
     config = cli.server_config(args)
     assert config.adapter_memory == 10**9 and config.port == 9000  # the flag wins over the env

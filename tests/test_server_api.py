@@ -330,3 +330,11 @@ def test_streaming_disconnect_frees_the_slot(server) -> None:
         time.sleep(0.05)
     assert _engine_idle(server)
     assert all(info.in_use == 0 for info in server.app.state.engine.adapter_cache.resident())
+
+
+def test_too_many_choices_and_model_ids_with_slashes(server) -> None:
+    response = httpx.post(f"{server.url}/v1/completions", json={"prompt": ["the"] * 40, "n": 4})
+    assert response.status_code == 400 and _error(response)["code"] == "too_many_choices"
+    missing = httpx.get(f"{server.url}/v1/models/org/some-model")
+    assert missing.status_code == 404 and _error(missing)["code"] == "model_not_found"
+    assert httpx.get(f"{server.url}/v1/models/alpha").json()["parent"] == server.app.state.model_name

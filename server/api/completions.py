@@ -11,12 +11,14 @@ from fastapi.responses import StreamingResponse
 from .auth import require_api_key
 from .common import (ServingState, check_token_ids, encode, new_id, now, resolve_adapter,
                      response_model_name, sampling_params, serving_state, token_budget, usage)
+from .errors import APIError
 from .generation import ChoiceJob, ChoiceResult, collect, first_and_rest, merged_outputs, until_disconnected
 from .logprobs import LegacyLogprobsBuilder
 from .schemas import CompletionChoice, CompletionRequest, CompletionResponse
 from .streaming import sse_events
 
 router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
+MAX_CHOICES = 128  # prompts x n in one request
 
 
 @dataclass
@@ -44,6 +46,9 @@ def prompt_inputs(engine: Any, prompt: str | list[Any]) -> list[PromptInput]:
 def make_jobs(state: ServingState, body: CompletionRequest,
               prompts: list[PromptInput]) -> list[ChoiceJob]:
     """Choice ``p * n + i`` is the i-th sample for prompt p (OpenAI's order)."""
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise APIError(400, f"{len(prompts)} prompts x n={body.n} exceeds {MAX_CHOICES} choices "
+                       "per request", param="prompt", code="too_many_choices")
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     return [ChoiceJob(p * body.n + i, prompt.token_ids,
                       sampling_params(body, token_budget(state, body.max_tokens,

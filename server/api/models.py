@@ -26,7 +26,7 @@ def list_models(request: Request) -> ModelList:
     return ModelList(data=_cards(request))
 
 
-@router.get("/v1/models/{model_id}", response_model=ModelCard, dependencies=[Depends(require_api_key)])
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, dependencies=[Depends(require_api_key)])
 def get_model(model_id: str, request: Request) -> ModelCard:
     for card in _cards(request):
         if card.id == model_id:
