@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,9 @@ class EngineStats:
     num_steps: int
     prompt_tokens: int  # computed (prefill) prompt tokens since start
     generated_tokens: int
+    schedule_seconds: float  # cumulative wall time in the scheduler (CPU accounting)
+    forward_seconds: float  # in the model runner (forward + logits)
+    postprocess_seconds: float  # sampling, detokenization, stop checks, outputs
 
 
 @dataclass
@@ -109,6 +113,9 @@ class _Counters:
     generated_tokens: int = 0
     last_batch_size: int = 0
     last_batch_tokens: int = 0
+    schedule_s: float = 0.0
+    forward_s: float = 0.0
+    postprocess_s: float = 0.0
 
 
 @dataclass
@@ -230,9 +237,11 @@ class LLMEngine:
 
     # --- the step (one thread) ---------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         outputs = self._take_inbox()
         scheduled = self.scheduler.schedule()
         outputs += [self._output(seq) for seq in scheduled.finished]
+        self._counters.schedule_s += time.perf_counter() - started
         if scheduled.chunks:
             outputs += self._run(scheduled)
         return outputs
@@ -252,8 +261,13 @@ class LLMEngine:
         self._counters.last_batch_size = len(chunks)
         self._counters.last_batch_tokens = scheduled.num_tokens
         try:
+            started = time.perf_counter()
             logits = self.runner.run(chunks)
-            return self._postprocess(chunks, logits)
+            forwarded = time.perf_counter()
+            outputs = self._postprocess(chunks, logits)
+            self._counters.forward_s += forwarded - started
+            self._counters.postprocess_s += time.perf_counter() - forwarded
+            return outputs
         except Exception as err:  # noqa: BLE001 - fail this step's requests, keep serving
             logger.exception("engine step failed; failing its %d requests", len(chunks))
             return self.fail_requests([c.seq for c in chunks if not c.seq.is_finished], err)
@@ -359,6 +373,9 @@ class LLMEngine:
             num_steps=counters.steps,
             prompt_tokens=counters.prompt_tokens,
             generated_tokens=counters.generated_tokens,
+            schedule_seconds=counters.schedule_s,
+            forward_seconds=counters.forward_s,
+            postprocess_seconds=counters.postprocess_s,
         )
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:

@@ -96,9 +96,17 @@ class AdapterCache:
     def _start_load(self, adapter_id: str) -> Future[CompactAdapter]:
         future = self._loading.get(adapter_id)
         if future is None:
-            future = self._executor.submit(self.source.load_adapter, adapter_id)
+            future = self._executor.submit(self._read, adapter_id)
             self._loading[adapter_id] = future
         return future
+
+    def _read(self, adapter_id: str) -> CompactAdapter:
+        try:
+            return self.source.load_adapter(adapter_id)
+        except UnknownAdapterError:
+            raise
+        except KeyError as err:  # the registry's own not-found error (adapters/ cannot import ours)
+            raise UnknownAdapterError(str(err)) from err
 
     def prepare(self, adapter_id: str) -> Future[int]:
         """Start reading the adapter in the background; the future gives its resident bytes
