@@ -28,6 +28,8 @@ class AsyncLLMEngine:
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
         self._wake = threading.Event()
+        if engine.adapter_cache is not None:
+            engine.adapter_cache.on_loaded = self._wake.set
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -99,6 +101,14 @@ class AsyncLLMEngine:
                 logger.exception("engine step loop error; failing all live requests")
                 outputs = self.engine.fail_all(err)
             self._dispatch(outputs)
+            if not self.engine.last_step_ran and not outputs:
+                self._idle_until_woken()
+
+    def _idle_until_woken(self) -> None:
+        """Everything left waits (on an adapter read): sleep until a read ends or a request
+        arrives instead of spinning; the timeout is only a safety net."""
+        self._wake.wait(timeout=0.05)
+        self._wake.clear()
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:

@@ -150,6 +150,7 @@ class LLMEngine:
         self.token_text = TokenTextCache(self.tokenizer)
         self._inbox = _Inbox()
         self._counters = _Counters()
+        self.last_step_ran = False  # False: the work left is waiting (e.g. on adapter reads)
 
     @classmethod
     def from_config(cls, config: EngineConfig, adapter_source: AdapterSource | None = None) -> "LLMEngine":
@@ -242,6 +243,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         outputs += [self._output(seq) for seq in scheduled.finished]
         self._counters.schedule_s += time.perf_counter() - started
+        self.last_step_ran = bool(scheduled.chunks)
         if scheduled.chunks:
             outputs += self._run(scheduled)
         return outputs

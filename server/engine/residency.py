@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -67,12 +67,14 @@ class _Resident:
 
 
 class AdapterCache:
-    def __init__(self, pool: AdapterWeightPool, budget_bytes: int, source: AdapterSource) -> None:
+    def __init__(self, pool: AdapterWeightPool, budget_bytes: int, source: AdapterSource,
+                 on_loaded: Callable[[], None] | None = None) -> None:
         if budget_bytes < 0:
             raise ValueError(f"adapter budget must be >= 0 bytes, got {budget_bytes}")
         self.pool = pool
         self.budget_bytes = int(budget_bytes)
         self.source = source
+        self.on_loaded = on_loaded  # called on the loader thread when a read ends (wakes the engine)
         self.hits = self.misses = self.loads = self.evictions = 0
         self._lru: OrderedDict[str, _Resident] = OrderedDict()  # live entries, least recent first
         self._by_slot: dict[int, _Resident] = {}  # live and retired entries
@@ -97,8 +99,13 @@ class AdapterCache:
         future = self._loading.get(adapter_id)
         if future is None:
             future = self._executor.submit(self._read, adapter_id)
+            future.add_done_callback(self._notify)
             self._loading[adapter_id] = future
         return future
+
+    def _notify(self, _: Future[CompactAdapter]) -> None:
+        if self.on_loaded is not None:
+            self.on_loaded()
 
     def _read(self, adapter_id: str) -> CompactAdapter:
         try:
