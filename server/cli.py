@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 from .config import DTYPES, ServerConfig, default_data_dir, env_default, env_name, format_size, parse_size
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+GRACEFUL_SHUTDOWN_S = 10
 
 
 def _size(text: str) -> int:
@@ -95,7 +96,9 @@ def serve_command(args: argparse.Namespace) -> int:
         "model %s (%s), adapters in %s, adapter memory %s, KV cache %s",
         config.model or "embedded default", config.dtype, config.adapter_dir,
         format_size(config.adapter_memory), format_size(config.kv_cache_memory))
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level)
+    # Open streams get a few seconds on Ctrl-C; then the engine fails what is left (503 events).
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     return 0
 
 
