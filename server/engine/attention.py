@@ -42,10 +42,10 @@ def _decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
             meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """One query token per sequence: gather every context at once, padded and masked."""
     num_seqs, q_heads, head_dim = q.shape
-    tables = meta.decode_block_tables
+    blocks = meta.decode_block_tables.view(-1)  # index_select: cheaper than advanced indexing
     kv_heads = key_cache.shape[2]
-    keys = key_cache[tables].view(num_seqs, -1, kv_heads, head_dim).transpose(1, 2)
-    values = value_cache[tables].view(num_seqs, -1, kv_heads, head_dim).transpose(1, 2)
+    keys = key_cache.index_select(0, blocks).view(num_seqs, -1, kv_heads, head_dim).transpose(1, 2)
+    values = value_cache.index_select(0, blocks).view(num_seqs, -1, kv_heads, head_dim).transpose(1, 2)
     grouped = q.view(num_seqs, kv_heads, q_heads // kv_heads, head_dim)
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=meta.decode_mask,
                                          scale=scale)

@@ -25,6 +25,11 @@ def rope_frequencies(config: LlamaConfig) -> tuple[torch.Tensor, float]:
     rope_type = rope_type_of(config)
     if rope_type not in STATIC_ROPE_TYPES:
         raise ValueError(f"unsupported rope type {rope_type!r}; supported: {STATIC_ROPE_TYPES}")
+    with torch.device("cpu"):  # real values even while the model is built on the meta device
+        return _frequencies(config, rope_type)
+
+
+def _frequencies(config: LlamaConfig, rope_type: str) -> tuple[torch.Tensor, float]:
     if rope_type != "default":
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
         return inv_freq.float(), float(scaling)

@@ -1,0 +1,97 @@
+"""Benchmark: base-model load time, resident bytes, one decode step at several batch sizes.
+
+    python -m prolora_serve.server.engine.bench_model --dtypes nf4 fp32 --batches 1 32
+
+Prints one JSON object, then a table. ``int8-bnb`` runs bitsandbytes' own CPU forward on the same
+int8 weights (for comparison with our weight-only dequantizing path). Timing is the median over the
+measured steps; the CPU is often shared, so also look at the minimum (and try --threads 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import bitsandbytes as bnb
+import torch
+
+from .kv_cache import SeqSlice, blocks_needed, build_attention_metadata
+from .loader import LoadedModel, load_base_model
+from .quantize import Int8Linear
+
+
+def use_bnb_native_forward(loaded: LoadedModel) -> None:
+    """Swap our int8 CPU forward for bitsandbytes' own, keeping the very same quantized weights."""
+    for module in loaded.model.modules():
+        if isinstance(module, Int8Linear):
+            module.__class__ = bnb.nn.Linear8bitLt
+
+
+@torch.inference_mode()
+def decode_step_times(loaded: LoadedModel, batch: int, context: int, steps: int) -> list[float]:
+    """Seconds per decode step of ``batch`` sequences whose context is ``context`` tokens."""
+    model, block_size = loaded.model, 16
+    per_seq = blocks_needed(context + steps + 1, block_size)
+    kv = model.make_kv_cache(batch * per_seq, block_size)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
+    vocab = loaded.hf_config.vocab_size
+    for table in tables:  # prefill each sequence's context
+        meta = build_attention_metadata([SeqSlice(table, 0, context)], block_size)
+        model(torch.randint(0, vocab, (context,)), torch.arange(context), meta, kv)
+    times = []
+    for step in range(steps):
+        cached = context + step
+        meta = build_attention_metadata([SeqSlice(t, cached, 1) for t in tables], block_size)
+        ids, positions = torch.randint(0, vocab, (batch,)), torch.full((batch,), cached)
+        started = time.perf_counter()
+        model.compute_logits(model(ids, positions, meta, kv))
+        times.append(time.perf_counter() - started)
+    return times[1:]  # the first step warms caches
+
+
+def run(dtypes: list[str], batches: list[int], context: int, steps: int) -> dict:
+    results: dict = {"context": context, "steps": steps, "threads": torch.get_num_threads(),
+                     "runs": []}
+    for name in dtypes:
+        loaded = load_base_model(None, dtype=name.removesuffix("-bnb"))
+        if name.endswith("-bnb"):
+            use_bnb_native_forward(loaded)
+        for batch in batches:
+            times = decode_step_times(loaded, batch, context, steps)
+            results["runs"].append({
+                "dtype": name, "batch": batch, "load_s": round(loaded.load_seconds, 2),
+                "nbytes": loaded.nbytes, "step_ms_median": round(1e3 * statistics.median(times), 2),
+                "step_ms_min": round(1e3 * min(times), 2),
+                "tokens_per_s": round(batch / statistics.median(times), 1)})
+    return results
+
+
+def print_table(results: dict) -> None:
+    header = f"{'dtype':8} {'batch':>5} {'load s':>7} {'MiB':>7} {'median ms':>10} {'min ms':>8} {'tok/s':>8}"
+    print(header)
+    for r in results["runs"]:
+        print(f"{r['dtype']:8} {r['batch']:5d} {r['load_s']:7.2f} {r['nbytes'] / 2**20:7.1f} "
+              f"{r['step_ms_median']:10.2f} {r['step_ms_min']:8.2f} {r['tokens_per_s']:8.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dtypes", nargs="+", default=["nf4", "fp32"],
+                        choices=["nf4", "int8", "int8-bnb", "bf16", "fp32"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (1 is steadier on a shared CPU)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = run(args.dtypes, args.batches, args.context, args.steps)
+    print(json.dumps(results))
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Weight quantization of the decoder's projections by module swap (embeddings and lm_head stay float).
+
+- ``nf4``: bitsandbytes ``Linear4bit`` (NF4, block 64, float32 absmax), its own forward. On an
+  AVX512-BF16 CPU bitsandbytes repacks the weights on the first eval forward for a fused 4-bit
+  kernel that is as fast as fp32 GEMM on cache-resident weights and far faster once the weights
+  stop fitting in cache (``warm_up`` triggers the repack at load so ``nbytes`` is the real size).
+- ``int8``: bitsandbytes ``Linear8bitLt`` storage (int8 rows + absmax); on the CPU a weight-only
+  dequantizing forward (bitsandbytes' CPU path also quantizes activations: less accurate, and it
+  logs a warning per call).
+- ``bf16`` / ``fp32``: plain casts.
+
+Quantizing is slow on the CPU (seconds for a 135M model), so the quantized tensors can be
+cached in one safetensors file and reused (``cache_file``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+QUANT_DTYPES = ("nf4", "int8", "bf16", "fp32")
+NF4_BLOCKSIZE = 64
+CACHE_FORMAT = f"prolora-serve-quantized-1/bnb-{bnb.__version__}"
+
+
+class Int8Linear(bnb.nn.Linear8bitLt):
+    """bitsandbytes int8 storage (per-output-row absmax); weight-only dequantization on the CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        if self.weight.CB is not None:
+            self.init_8bit_state()
+        row_scale = (self.state.SCB / 127.0).to(x.dtype)
+        out = F.linear(x, self.state.CB.to(x.dtype)) * row_scale
+        return out if self.bias is None else out + self.bias.to(x.dtype)
+
+
+def compute_dtype_for(dtype: str, device: torch.device) -> torch.dtype:
+    """The float dtype activations (and unquantized weights) use for a quantization option."""
+    if dtype not in QUANT_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {QUANT_DTYPES}")
+    if dtype == "fp32" or (dtype in ("nf4", "int8") and device.type == "cpu"):
+        return torch.float32
+    return torch.bfloat16
+
+
+def quantize_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    packed, state = bnbf.quantize_4bit(weight.float().contiguous(), blocksize=NF4_BLOCKSIZE,
+                                       compress_statistics=False, quant_type="nf4")
+    return {"packed": packed, "absmax": state.absmax}
+
+
+def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    rows, scales, _ = bnbf.int8_vectorwise_quant(weight.float().contiguous())
+    return {"rows": rows, "scales": scales}
+
+
+def nf4_linear(linear: nn.Linear, q: dict[str, torch.Tensor], compute_dtype: torch.dtype,
+               device: torch.device, cpu_packed: bool = False) -> bnb.nn.Linear4bit:
+    """A Linear4bit from quantized tensors, canonical or already in bitsandbytes' CPU layout."""
+    module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
+                               compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+    state = bnbf.QuantState(absmax=q["absmax"], shape=torch.Size(linear.weight.shape),
+                            code=bnbf.get_4bit_type("nf4", device=q["packed"].device),
+                            blocksize=NF4_BLOCKSIZE, quant_type="nf4", dtype=torch.float32)
+    if cpu_packed:
+        _mark_cpu_packed(state)
+    module.weight = bnb.nn.Params4bit(q["packed"], requires_grad=False, quant_state=state,
+                                      blocksize=NF4_BLOCKSIZE, compress_statistics=False,
+                                      quant_type="nf4", bnb_quantized=True, module=module)
+    module.quant_state = state
+    # bitsandbytes' CPU repack needs 32 | out_features (true of real LLaMA shapes).
+    module.support_avx512bf16_for_cpu &= linear.out_features % 32 == 0
+    _copy_bias(module, linear, compute_dtype)
+    return module.to(device)
+
+
+def _mark_cpu_packed(state: bnbf.QuantState) -> None:
+    """What ``bitsandbytes.functional._convert_weight_packed_for_cpu`` records on a state."""
+    rows, cols = state.shape
+    state.original_dtype, state.original_nested = torch.float32, False
+    state.original_qshape = torch.Size([rows * cols // 2, 1])
+    state.dtype = torch.bfloat16
+    state.packing_format_for_cpu = True
+
+
+def is_cpu_packed(module: nn.Module) -> bool:
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def int8_linear(linear: nn.Linear, q: dict[str, torch.Tensor], compute_dtype: torch.dtype,
+                device: torch.device, cpu_packed: bool = False) -> Int8Linear:
+    module = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None,
+                        has_fp16_weights=False, threshold=0.0, device="meta")
+    module.weight = bnb.nn.Int8Params(q["rows"], requires_grad=False, has_fp16_weights=False,
+                                      CB=q["rows"], SCB=q["scales"])
+    _copy_bias(module, linear, compute_dtype)
+    return module.to(device)
+
+
+def quantized_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors ``nf4_linear`` / ``int8_linear`` rebuild ``module`` from (for the cache)."""
+    if isinstance(module, bnb.nn.Linear4bit):
+        return {"packed": module.weight.data, "absmax": module.weight.quant_state.absmax}
+    scales = module.state.SCB if module.state.SCB is not None else module.weight.SCB
+    return {"rows": module.weight.data, "scales": scales}
+
+
+def _copy_bias(module: nn.Module, linear: nn.Linear, dtype: torch.dtype) -> None:
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.data.to(dtype), requires_grad=False)
+
+
+QUANTIZERS = {"nf4": (quantize_nf4, nf4_linear), "int8": (quantize_int8, int8_linear)}
+
+
+def quantize_model(model: nn.Module, dtype: str, device: torch.device | str,
+                   linear_paths: list[str], cache_file: Path | None = None) -> nn.Module:
+    """Quantize the linears at ``linear_paths`` in place and move ``model`` to ``device``."""
+    device = torch.device(device)
+    compute_dtype = compute_dtype_for(dtype, device)
+    cached = None
+    if dtype in QUANTIZERS:
+        cached = read_quantized(cache_file, dtype, linear_paths)
+        for path in linear_paths:  # one layer at a time: full-precision weights never all
+            _swap_linear(model, path, dtype, compute_dtype, device, cached)  # sit on the device
+    model.to(device=device, dtype=compute_dtype)  # integer weights keep their dtype
+    model.eval().requires_grad_(False)
+    warm_up(model, compute_dtype)
+    if dtype in QUANTIZERS and cached is None and cache_file is not None:
+        modules = {path: model.get_submodule(path) for path in linear_paths}
+        layouts = {is_cpu_packed(m) for m in modules.values()}
+        if len(layouts) == 1:  # one layout flag per file; a mixed model is simply not cached
+            write_quantized(cache_file, dtype, {p: quantized_tensors(m) for p, m in modules.items()},
+                            cpu_packed=layouts.pop())
+    return model
+
+
+def _swap_linear(model: nn.Module, path: str, dtype: str, compute_dtype: torch.dtype,
+                 device: torch.device, cached: "QuantizedCache | None") -> None:
+    quantize, build = QUANTIZERS[dtype]
+    parent_path, name = path.rsplit(".", 1)
+    parent = model.get_submodule(parent_path)
+    linear = getattr(parent, name)
+    if cached is None:
+        tensors, packed = quantize(linear.weight.data.to(device)), False
+    else:
+        tensors, packed = cached.tensors[path], cached.cpu_packed
+    tensors = {k: t.to(device) for k, t in tensors.items()}
+    setattr(parent, name, build(linear, tensors, compute_dtype, device, packed))
+
+
+@torch.inference_mode()
+def warm_up(model: nn.Module, dtype: torch.dtype) -> None:
+    """One tiny forward per quantized linear, so lazy repacking happens now, not mid-serving."""
+    for module in model.modules():
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            module(torch.zeros(1, module.in_features, dtype=dtype, device=module.weight.device))
+
+
+@dataclass
+class QuantizedCache:
+    tensors: dict[str, dict[str, torch.Tensor]]  # module path -> tensor name -> tensor
+    cpu_packed: bool  # NF4 weights already in bitsandbytes' CPU kernel layout
+
+
+def read_quantized(cache_file: Path | None, dtype: str,
+                   linear_paths: list[str]) -> QuantizedCache | None:
+    """Cached quantized tensors, or None if absent, stale, unreadable or for another machine."""
+    if cache_file is None or not cache_file.is_file():
+        return None
+    try:
+        flat = load_file(str(cache_file))
+        header = json.loads(flat.pop("__header__").numpy().tobytes().decode())
+    except Exception:  # a corrupt cache is rebuilt, never fatal
+        return None
+    cpu_packed = header.get("cpu_packed") is True
+    if header != _header(dtype, cpu_packed) or (cpu_packed and not bnbf.has_avx512bf16()):
+        return None
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        path, name = key.rsplit(":", 1)
+        grouped.setdefault(path, {})[name] = tensor
+    return QuantizedCache(grouped, cpu_packed) if set(grouped) == set(linear_paths) else None
+
+
+def _header(dtype: str, cpu_packed: bool) -> dict:
+    return {"format": CACHE_FORMAT, "dtype": dtype, "cpu_packed": cpu_packed}
+
+
+def write_quantized(cache_file: Path, dtype: str, tensors: dict[str, dict[str, torch.Tensor]],
+                    cpu_packed: bool) -> None:
+    """Write atomically (temp file + rename); failure to cache only costs time later."""
+    flat = {f"{path}:{name}": t.detach().cpu().contiguous()
+            for path, parts in tensors.items() for name, t in parts.items()}
+    header = json.dumps(_header(dtype, cpu_packed)).encode()
+    flat["__header__"] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+    temp = None
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=f".{cache_file.name}-", dir=cache_file.parent)
+        os.close(handle)
+        save_file(flat, temp)
+        os.replace(temp, cache_file)
+    except OSError:
+        pass
+    finally:
+        if temp is not None and os.path.exists(temp):
+            os.unlink(temp)
+
+
+def _quant_state_tensors(module: nn.Module) -> list[torch.Tensor]:
+    if isinstance(module, bnb.nn.Linear4bit):
+        state = module.weight.quant_state
+        return [t for t in state.as_dict(packed=False).values() if isinstance(t, torch.Tensor)]
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        scales = module.state.SCB if module.state.SCB is not None else module.weight.SCB
+        return [scales] if scales is not None else []
+    return []
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Resident bytes: parameters and buffers (shared ones once) plus quantization state."""
+    seen: set[int] = set()
+    total = 0
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        tensors.extend(_quant_state_tensors(module))
+    for tensor in tensors:
+        if tensor.numel() and tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
