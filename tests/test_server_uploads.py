@@ -4,7 +4,6 @@ API and admin keys guard what they should."""
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
 
 import httpx
 import openai
