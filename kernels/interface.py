@@ -30,13 +30,16 @@ def triton_available() -> bool:
     return True
 
 
-def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> AdapterBackend:
-    """Pick the backend once: Triton on CUDA devices, the fused C++ path on the CPU (falling
-    back to the pure torch path where no compiler is available)."""
+def get_backend(name: str = "auto", device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> AdapterBackend:
+    """Pick the backend once: Triton on CUDA devices, the fused C++ path for float32 on the CPU
+    (the pure torch path for other dtypes, or where no compiler is available)."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown adapter backend {name!r}; choose one of {BACKEND_NAMES}")
     if name == "auto" and torch.device(device).type == "cuda":
         name = "triton" if triton_available() else "torch"
+    if name == "auto" and dtype != torch.float32:
+        name = "torch"
     if name == "auto":
         try:
             return _make_backend("cpu")

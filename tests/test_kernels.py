@@ -201,6 +201,7 @@ def test_get_backend_rejects_unknown_name() -> None:
     with pytest.raises(ValueError, match="unknown adapter backend"):
         get_backend("cuda-magic")
     assert get_backend("auto", "cpu").name == "cpu"
+    assert get_backend("auto", "cpu", torch.bfloat16).name == "torch"
     with pytest.raises(TypeError, match="float32"):
         pool = AdapterWeightPool(dtype=torch.float64)
         pool.load(0, make_adapter(4, 1, 2, 2, 4.0, seed=0))
