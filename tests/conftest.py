@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -13,6 +14,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # kernels/ folder would shadow the Hugging Face `kernels` package that transformers and
 # bitsandbytes probe for at import time (and fail on its relative imports).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
+
+# One intra-op thread in tests: on a shared 2-core CPU (other test processes, server threads)
+# every parallel region of a multi-threaded op waits for a descheduled peer. Measured here:
+# a 12-token greedy decode of the default model took 45 s with 2 threads, 1 s with 1.
+# Library code never sets this; servers and benchmarks choose their own.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -70,8 +70,11 @@ def load_base_model(model: str | None = None, dtype: str = "nf4", device: str = 
 
 
 def _check_device(device: str | torch.device) -> torch.device:
-    target = torch.device(device)
-    if target.type not in ("cpu", "cuda"):
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        target = None
+    if target is None or target.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but no CUDA device is available")

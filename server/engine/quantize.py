@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -67,21 +66,23 @@ def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def nf4_linear(linear: nn.Linear, q: dict[str, torch.Tensor], compute_dtype: torch.dtype,
-               device: torch.device, cpu_packed: bool = False) -> bnb.nn.Linear4bit:
-    """A Linear4bit from quantized tensors, canonical or already in bitsandbytes' CPU layout."""
+               device: torch.device) -> bnb.nn.Linear4bit:
+    """A Linear4bit from quantized tensors, canonical or (``cpu_packed``) in bitsandbytes' CPU layout."""
     module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
                                compute_dtype=compute_dtype, quant_type="nf4", device="meta")
     state = bnbf.QuantState(absmax=q["absmax"], shape=torch.Size(linear.weight.shape),
                             code=bnbf.get_4bit_type("nf4", device=q["packed"].device),
                             blocksize=NF4_BLOCKSIZE, quant_type="nf4", dtype=torch.float32)
-    if cpu_packed:
+    if _flag(q, "cpu_packed"):
         _mark_cpu_packed(state)
     module.weight = bnb.nn.Params4bit(q["packed"], requires_grad=False, quant_state=state,
                                       blocksize=NF4_BLOCKSIZE, compress_statistics=False,
                                       quant_type="nf4", bnb_quantized=True, module=module)
     module.quant_state = state
-    # bitsandbytes' CPU repack needs 32 | out_features (true of real LLaMA shapes).
-    module.support_avx512bf16_for_cpu &= linear.out_features % 32 == 0
+    # bitsandbytes' CPU kernel needs 32 | out and 64 | in (true of real LLaMA shapes); other
+    # shapes take its dequantize-then-GEMM path.
+    module.support_avx512bf16_for_cpu &= (linear.out_features % 32 == 0
+                                          and linear.in_features % NF4_BLOCKSIZE == 0)
     _copy_bias(module, linear, compute_dtype)
     return module.to(device)
 
@@ -95,13 +96,17 @@ def _mark_cpu_packed(state: bnbf.QuantState) -> None:
     state.packing_format_for_cpu = True
 
 
+def _flag(q: dict[str, torch.Tensor], name: str) -> bool:
+    return name in q and bool(q[name].item())
+
+
 def is_cpu_packed(module: nn.Module) -> bool:
     state = getattr(getattr(module, "weight", None), "quant_state", None)
     return bool(getattr(state, "packing_format_for_cpu", False))
 
 
 def int8_linear(linear: nn.Linear, q: dict[str, torch.Tensor], compute_dtype: torch.dtype,
-                device: torch.device, cpu_packed: bool = False) -> Int8Linear:
+                device: torch.device) -> Int8Linear:
     module = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None,
                         has_fp16_weights=False, threshold=0.0, device="meta")
     module.weight = bnb.nn.Int8Params(q["rows"], requires_grad=False, has_fp16_weights=False,
@@ -113,7 +118,8 @@ def int8_linear(linear: nn.Linear, q: dict[str, torch.Tensor], compute_dtype: to
 def quantized_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors ``nf4_linear`` / ``int8_linear`` rebuild ``module`` from (for the cache)."""
     if isinstance(module, bnb.nn.Linear4bit):
-        return {"packed": module.weight.data, "absmax": module.weight.quant_state.absmax}
+        return {"packed": module.weight.data, "absmax": module.weight.quant_state.absmax,
+                "cpu_packed": torch.tensor([is_cpu_packed(module)], dtype=torch.uint8)}
     scales = module.state.SCB if module.state.SCB is not None else module.weight.SCB
     return {"rows": module.weight.data, "scales": scales}
 
@@ -140,26 +146,20 @@ def quantize_model(model: nn.Module, dtype: str, device: torch.device | str,
     model.eval().requires_grad_(False)
     warm_up(model, compute_dtype)
     if dtype in QUANTIZERS and cached is None and cache_file is not None:
-        modules = {path: model.get_submodule(path) for path in linear_paths}
-        layouts = {is_cpu_packed(m) for m in modules.values()}
-        if len(layouts) == 1:  # one layout flag per file; a mixed model is simply not cached
-            write_quantized(cache_file, dtype, {p: quantized_tensors(m) for p, m in modules.items()},
-                            cpu_packed=layouts.pop())
+        write_quantized(cache_file, dtype,
+                        {p: quantized_tensors(model.get_submodule(p)) for p in linear_paths})
     return model
 
 
 def _swap_linear(model: nn.Module, path: str, dtype: str, compute_dtype: torch.dtype,
-                 device: torch.device, cached: "QuantizedCache | None") -> None:
+                 device: torch.device, cached: dict[str, dict[str, torch.Tensor]] | None) -> None:
     quantize, build = QUANTIZERS[dtype]
     parent_path, name = path.rsplit(".", 1)
     parent = model.get_submodule(parent_path)
     linear = getattr(parent, name)
-    if cached is None:
-        tensors, packed = quantize(linear.weight.data.to(device)), False
-    else:
-        tensors, packed = cached.tensors[path], cached.cpu_packed
+    tensors = quantize(linear.weight.data.to(device)) if cached is None else cached[path]
     tensors = {k: t.to(device) for k, t in tensors.items()}
-    setattr(parent, name, build(linear, tensors, compute_dtype, device, packed))
+    setattr(parent, name, build(linear, tensors, compute_dtype, device))
 
 
 @torch.inference_mode()
@@ -170,15 +170,9 @@ def warm_up(model: nn.Module, dtype: torch.dtype) -> None:
             module(torch.zeros(1, module.in_features, dtype=dtype, device=module.weight.device))
 
 
-@dataclass
-class QuantizedCache:
-    tensors: dict[str, dict[str, torch.Tensor]]  # module path -> tensor name -> tensor
-    cpu_packed: bool  # NF4 weights already in bitsandbytes' CPU kernel layout
-
-
 def read_quantized(cache_file: Path | None, dtype: str,
-                   linear_paths: list[str]) -> QuantizedCache | None:
-    """Cached quantized tensors, or None if absent, stale, unreadable or for another machine."""
+                   linear_paths: list[str]) -> dict[str, dict[str, torch.Tensor]] | None:
+    """Cached tensors per module path, or None if absent, stale, unreadable or for another CPU."""
     if cache_file is None or not cache_file.is_file():
         return None
     try:
@@ -186,26 +180,26 @@ def read_quantized(cache_file: Path | None, dtype: str,
         header = json.loads(flat.pop("__header__").numpy().tobytes().decode())
     except Exception:  # a corrupt cache is rebuilt, never fatal
         return None
-    cpu_packed = header.get("cpu_packed") is True
-    if header != _header(dtype, cpu_packed) or (cpu_packed and not bnbf.has_avx512bf16()):
-        return None
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
         path, name = key.rsplit(":", 1)
         grouped.setdefault(path, {})[name] = tensor
-    return QuantizedCache(grouped, cpu_packed) if set(grouped) == set(linear_paths) else None
+    packed = any(_flag(q, "cpu_packed") for q in grouped.values())
+    if header != _header(dtype) or set(grouped) != set(linear_paths) or (
+            packed and not bnbf.has_avx512bf16()):
+        return None
+    return grouped
 
 
-def _header(dtype: str, cpu_packed: bool) -> dict:
-    return {"format": CACHE_FORMAT, "dtype": dtype, "cpu_packed": cpu_packed}
+def _header(dtype: str) -> dict:
+    return {"format": CACHE_FORMAT, "dtype": dtype}
 
 
-def write_quantized(cache_file: Path, dtype: str, tensors: dict[str, dict[str, torch.Tensor]],
-                    cpu_packed: bool) -> None:
+def write_quantized(cache_file: Path, dtype: str, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
     """Write atomically (temp file + rename); failure to cache only costs time later."""
     flat = {f"{path}:{name}": t.detach().cpu().contiguous()
             for path, parts in tensors.items() for name, t in parts.items()}
-    header = json.dumps(_header(dtype, cpu_packed)).encode()
+    header = json.dumps(_header(dtype)).encode()
     flat["__header__"] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
     temp = None
     try:
