@@ -235,3 +235,23 @@ def test_install_adapter_layers_twice_rebinds_instead_of_nesting() -> None:
     install_adapter_layers(ours, second)
     layer = ours.get_submodule("model.layers.0.self_attn.q_proj")
     assert layer.ctx is second and isinstance(layer.base, torch.nn.Linear)
+
+
+# ----- the embedded default model (SmolLM2-135M-Instruct) against transformers -----
+
+@pytest.mark.slow
+def test_default_model_prefill_and_batched_decode_match_hf(default_model_dir) -> None:
+    from prolora_serve.server.engine.loader import load_base_model
+
+    hf = LlamaForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    ours = load_base_model(None, dtype="fp32", cache_dir=default_model_dir.parent).model
+    kv = ours.make_kv_cache(num_blocks=12, block_size=16)
+    vocab = hf.config.vocab_size
+    seqs = [Seq(random_tokens(23, vocab, seed=1), [9, 2]), Seq(random_tokens(40, vocab, seed=2),
+                                                                [4, 11, 0, 7])]
+    run_step(ours, kv, [(seqs[0], 20), (seqs[1], 37)])
+    for _ in range(3):
+        run_step(ours, kv, [(s, 1) for s in seqs])
+    for seq in seqs:
+        expected = hf_logits(hf, seq.tokens)
+        torch.testing.assert_close(torch.stack(seq.logits), expected, atol=2e-3, rtol=1e-3)
