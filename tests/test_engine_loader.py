@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
@@ -112,6 +113,22 @@ def test_quantized_options_match_a_dequantized_reference_and_shrink_the_model(
     else:  # embeddings, norms and lm_head stay fp32; the rest is 4 or 8 bits plus scales
         overhead = loaded.nbytes - 4 * others - {"nf4": 0.5, "int8": 1}[dtype] * projections
         assert 0 < overhead < 0.08 * projections  # absmax per 64 weights / scale per row
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (7, 576), (2, 5, 576)])
+def test_nf4_linear_fast_cpu_path_equals_bitsandbytes_forward(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(576, 192, bias=False)
+    module = quantize.nf4_linear(linear, quantize.quantize_nf4(linear.weight.data), torch.float32,
+                                 torch.device("cpu")).eval()
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        got = module(x)
+        expected = bnb.nn.Linear4bit.forward(module, x)
+    assert got.shape == (*shape[:-1], 192) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    reference = x @ nf4_round_trip(linear.weight).T  # float activations, the same NF4 weights
+    assert ((got - reference).norm() / reference.norm()).item() < 0.01  # bf16 activations
 
 
 def test_nf4_reuses_its_quantized_cache_and_survives_a_corrupt_one(
