@@ -80,13 +80,13 @@ class ProLoRALinear(nn.Module):
         """``(alpha / r) * B A x`` for rows x (..., h), computed from the compact tensors."""
         spec = self.spec
         x = x.to(self.prolora_A0.dtype)
-        out = x.new_zeros(*x.shape[:-1], spec.out_features)
+        parts = []  # r >= 1, so at least one of the two is present
         if spec.shared_r:
-            out = out + compact_shared_apply(x, self.prolora_A0, self.prolora_B0, spec,
-                                             self.index_a, self.index_b_inv)
+            parts.append(compact_shared_apply(x, self.prolora_A0, self.prolora_B0, spec,
+                                              self.index_a, self.index_b_inv))
         if spec.unshared_r:
-            out = out + (x @ self.prolora_Au.T) @ self.prolora_Bu.T
-        return out * spec.scale
+            parts.append((x @ self.prolora_Au.T) @ self.prolora_Bu.T)
+        return sum(parts[1:], parts[0]) * spec.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
