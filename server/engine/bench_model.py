@@ -13,12 +13,13 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
 
 from .kv_cache import SeqSlice, blocks_needed, build_attention_metadata
-from .loader import LoadedModel, load_base_model
+from .loader import LoadedModel, default_model_hf_dir, load_base_model
 from .quantize import Int8Linear
 
 
@@ -51,11 +52,14 @@ def decode_step_times(loaded: LoadedModel, batch: int, context: int, steps: int)
     return times[1:]  # the first step warms caches
 
 
-def run(dtypes: list[str], batches: list[int], context: int, steps: int) -> dict:
+def run(dtypes: list[str], batches: list[int], context: int, steps: int,
+        cache_dir: Path | None = None) -> dict:
+    started = time.perf_counter()
+    default_model_hf_dir(cache_dir)  # converts the GGUF on first use
     results: dict = {"context": context, "steps": steps, "threads": torch.get_num_threads(),
-                     "runs": []}
+                     "convert_or_locate_s": round(time.perf_counter() - started, 2), "runs": []}
     for name in dtypes:
-        loaded = load_base_model(None, dtype=name.removesuffix("-bnb"))
+        loaded = load_base_model(None, dtype=name.removesuffix("-bnb"), cache_dir=cache_dir)
         if name.endswith("-bnb"):
             use_bnb_native_forward(loaded)
         for batch in batches:
@@ -69,6 +73,8 @@ def run(dtypes: list[str], batches: list[int], context: int, steps: int) -> dict
 
 
 def print_table(results: dict) -> None:
+    print(f"threads {results['threads']}, context {results['context']} tokens, "
+          f"default model convert/locate {results['convert_or_locate_s']} s")
     header = f"{'dtype':8} {'batch':>5} {'load s':>7} {'MiB':>7} {'median ms':>10} {'min ms':>8} {'tok/s':>8}"
     print(header)
     for r in results["runs"]:
@@ -83,12 +89,14 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="an empty directory measures the first conversion and quantization")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (1 is steadier on a shared CPU)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run(args.dtypes, args.batches, args.context, args.steps)
+    results = run(args.dtypes, args.batches, args.context, args.steps, args.cache_dir)
     print(json.dumps(results))
     print_table(results)
 

@@ -8,6 +8,7 @@ scheduler's view of them (``SeqSlice``) into the index tensors attention needs, 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -132,16 +133,9 @@ class AttentionMetadata:
 def build_attention_metadata(seqs: list[SeqSlice], block_size: int,
                              device: torch.device | str = "cpu") -> AttentionMetadata:
     """Index tensors for one step; validates that every block table covers its context."""
-    if block_size < 1 or not seqs:
-        raise ValueError("need block_size >= 1 and at least one sequence")
-    for seq in seqs:
-        if len(seq.block_table) < blocks_needed(seq.context_len, block_size):
-            raise ValueError(f"block table of {len(seq.block_table)} blocks cannot hold "
-                             f"{seq.context_len} tokens at block_size {block_size}")
+    _check_block_tables(seqs, block_size)
     query_lens = tuple(s.num_new for s in seqs)
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
+    starts = tuple(itertools.accumulate(query_lens, initial=0))
     decode = tuple(i for i, s in enumerate(seqs) if s.num_new == 1)
     prefill = tuple(i for i, s in enumerate(seqs) if s.num_new > 1)
     tables = tuple(tuple(s.block_table[:blocks_needed(s.context_len, block_size)]) for s in seqs)
@@ -151,7 +145,7 @@ def build_attention_metadata(seqs: list[SeqSlice], block_size: int,
         slot_mapping=_slots(seqs, block_size, new_only=True, device=device),
         query_lens=query_lens,
         context_lens=tuple(s.context_len for s in seqs),
-        query_starts=tuple(starts),
+        query_starts=starts,
         block_tables=tables,
         decode_seqs=decode,
         decode_rows=torch.tensor([starts[i] for i in decode], dtype=torch.int64, device=device),
@@ -162,6 +156,15 @@ def build_attention_metadata(seqs: list[SeqSlice], block_size: int,
             _slots([seqs[i]], block_size, new_only=False, device=device)
             if seqs[i].num_cached else None for i in prefill),
     )
+
+
+def _check_block_tables(seqs: list[SeqSlice], block_size: int) -> None:
+    if block_size < 1 or not seqs:
+        raise ValueError("need block_size >= 1 and at least one sequence")
+    for seq in seqs:
+        if len(seq.block_table) < blocks_needed(seq.context_len, block_size):
+            raise ValueError(f"block table of {len(seq.block_table)} blocks cannot hold "
+                             f"{seq.context_len} tokens at block_size {block_size}")
 
 
 def _slots(seqs: list[SeqSlice], block_size: int, new_only: bool,
