@@ -251,3 +251,15 @@ def greedy(loaded: LoadedModel, prompt: list[int], max_tokens: int) -> list[int]
         cached, new = cached + len(new), [token]
         out.append(token)
     return out
+
+
+@pytest.mark.slow
+def test_gguf_file_loads_like_its_converted_directory(default_model_dir: Path, tmp_path: Path) -> None:
+    gguf = default_model.default_gguf_path()
+    from_gguf = load_base_model(str(gguf), dtype="fp32", cache_dir=tmp_path)
+    converted = load_base_model(str(default_model_dir), dtype="fp32", cache_dir=tmp_path)
+    assert from_gguf.name == gguf.stem and from_gguf.eos_token_ids == converted.eos_token_ids
+    tokens = converted.tokenizer("The capital of France is")["input_ids"]
+    assert from_gguf.tokenizer("The capital of France is")["input_ids"] == tokens
+    torch.testing.assert_close(prefill_logits(from_gguf, tokens), prefill_logits(converted, tokens),
+                               atol=0, rtol=0)

@@ -59,6 +59,7 @@ def convert_gguf_to_hf_dir(gguf_file: Path, target: Path) -> Path:
     """Dequantize a GGUF LLaMA into ``target`` (safetensors, config, tokenizer), atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared between users
     try:
         with tqdm(total=4, desc=f"converting {gguf_file.name} (once)", unit="step") as bar:
             _write_hf_dir(gguf_file, staging, bar)

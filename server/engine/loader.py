@@ -59,7 +59,7 @@ def load_base_model(model: str | None = None, dtype: str = "nf4", device: str = 
     checkpoint = _read_checkpoint(model, cache_dir)
     load_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     llama = build_model(checkpoint.config, checkpoint.state, load_dtype)
-    del checkpoint.state
+    checkpoint.state = {}  # the model holds the weights now; let the rest go
     cache_file = quantized_cache_file(cache_root(cache_dir), checkpoint.name, checkpoint.files, dtype)
     quantize_model(llama, dtype, target, list(llama.linear_shapes()), cache_file)
     return LoadedModel(model=llama, tokenizer=checkpoint.tokenizer, hf_config=checkpoint.config,

@@ -18,9 +18,6 @@ from .attention import paged_attention
 from .kv_cache import AttentionMetadata, KVCache
 from .rope import RotaryEmbedding, apply_rotary
 
-ADAPTABLE_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
