@@ -53,8 +53,12 @@ def load_training_base(base: str | Path | None, base_dtype: str = "fp32") -> Tra
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer of {path} has no EOS token")
-    name = "default" if base is None else str(base)
-    return TrainingBase(model, tokenizer, name)
+    return TrainingBase(model, tokenizer, str(base) if base is not None else _default_name())
+
+
+def _default_name() -> str:
+    from prolora_serve.server.engine.default_model import DEFAULT_MODEL_NAME
+    return DEFAULT_MODEL_NAME
 
 
 def pad_token_id(tokenizer: Any) -> int:

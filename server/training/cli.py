@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from .trainer import LLAMA_LINEARS, METHODS, SAVE_DTYPES, TrainConfig, train_adapter
 from .base import BASE_DTYPES
 
@@ -41,6 +43,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-data", type=Path, default=None, help="held-out JSONL for a final loss")
     parser.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default="fp32")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (1 is fastest on a busy shared CPU)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -54,6 +58,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         config = config_from_args(args)
         result = train_adapter(config)

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from prolora_serve.adapters.format import load_adapter
 
 from .base import TrainingBase, load_training_base
@@ -68,7 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--base", default=None, help="HF model directory (default: embedded model)")
     parser.add_argument("--demo-dir", type=Path, default=DEMO_DIR)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     base = load_training_base(args.base)
     scores = [score_task(base, DEMO_TASKS[name], args.prompts, args.max_tokens, args.demo_dir)

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from .base import TrainingBase, load_training_base
 from .demo_tasks import DEMO_DIR, DEMO_TASKS, DemoTask
 from .generate import chat_replies
@@ -91,11 +93,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=40)
     parser.add_argument("--base", default=None, help="HF model directory (default: embedded model)")
     parser.add_argument("--demo-dir", type=Path, default=DEMO_DIR)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     task = DEMO_TASKS[args.task]
     shared = TrainConfig(data=task.train_path(args.demo_dir), eval_data=task.heldout_path(args.demo_dir),
                          base=args.base, alpha=16.0, dropout=0.05, lr=args.lr, steps=args.steps,
