@@ -184,3 +184,16 @@ def test_release_without_acquire_is_a_bug() -> None:
     cache.release(slot)
     with pytest.raises(RuntimeError):
         cache.release(slot)
+
+
+def test_reads_waiting_for_room_are_staged_within_the_budget() -> None:
+    ids = [f"ad{i}" for i in range(6)]
+    cache, source = make_cache(ids, fits=2)
+    for adapter_id in ids:
+        cache.prepare(adapter_id).result(timeout=10)
+    one = adapter_bytes(source.adapters["ad0"])
+    assert cache.stats().staged_bytes == 2 * one and cache.stats().num_loading == 0
+    reads = source.reads
+    assert acquire_now(cache, "ad5") is not None and source.reads == reads  # still staged
+    assert acquire_now(cache, "ad0") is not None and source.reads == reads + 1  # read again
+    assert cache.used_bytes == 2 * one

@@ -52,6 +52,7 @@ class AdapterCacheStats:
     misses: int
     loads: int
     evictions: int
+    staged_bytes: int = 0  # read from disk, waiting on the CPU for room
 
 
 @dataclass(eq=False)
@@ -99,11 +100,18 @@ class AdapterCache:
         future = self._loading.get(adapter_id)
         if future is None:
             future = self._executor.submit(self._read, adapter_id)
-            future.add_done_callback(self._notify)
             self._loading[adapter_id] = future
+            future.add_done_callback(lambda done: self._loaded(adapter_id, done))
         return future
 
-    def _notify(self, _: Future[CompactAdapter]) -> None:
+    def _loaded(self, adapter_id: str, future: Future[CompactAdapter]) -> None:
+        """On the loader thread: move read weights to the bounded staging area (failed reads
+        stay as futures, so the next ``acquire`` raises their error), then wake the engine."""
+        with self._lock:
+            ok = not future.cancelled() and future.exception() is None
+            if ok and self._loading.get(adapter_id) is future:
+                del self._loading[adapter_id]
+                self._stage(adapter_id, future.result())
         if self.on_loaded is not None:
             self.on_loaded()
 
@@ -162,10 +170,15 @@ class AdapterCache:
     def _stage(self, adapter_id: str, adapter: CompactAdapter) -> None:
         """Keep read weights until there is room; CPU staging is bounded by the budget too."""
         self._staged[adapter_id] = adapter
-        staged_bytes = sum(self.resident_nbytes(a) for a in self._staged.values())
-        while len(self._staged) > 1 and staged_bytes > self.budget_bytes:
-            _, dropped = self._staged.popitem(last=False)  # read again when its turn comes
-            staged_bytes -= self.resident_nbytes(dropped)
+        self._staged.move_to_end(adapter_id)
+        while len(self._staged) > 1 and self.staged_bytes > self.budget_bytes:
+            self._staged.popitem(last=False)  # the oldest is read again when its turn comes
+
+    @property
+    def staged_bytes(self) -> int:
+        """Adapters read from disk, held on the CPU until there is room for them."""
+        with self._lock:
+            return sum(self.resident_nbytes(a) for a in self._staged.values())
 
     # --- the step thread ----------------------------------------------------------------
     def acquire(self, adapter_id: str, first_lookup: bool = True) -> int | None:
@@ -277,7 +290,7 @@ class AdapterCache:
         with self._lock:
             return AdapterCacheStats(self.budget_bytes, self.used_bytes, len(self._by_slot),
                                      len(self._loading), self.hits, self.misses, self.loads,
-                                     self.evictions)
+                                     self.evictions, self.staged_bytes)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
