@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from .trainer import LLAMA_LINEARS, METHODS, SAVE_DTYPES, TrainConfig, train_adapter
-from .base import BASE_DTYPES
+from .base import BASE_DTYPES, unshadow_hf_kernels
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unshadow_hf_kernels()
     parser = argparse.ArgumentParser(prog="prolora-serve")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

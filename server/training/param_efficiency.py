@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from .base import TrainingBase, load_training_base
+from .base import TrainingBase, load_training_base, unshadow_hf_kernels
 from .demo_tasks import DEMO_DIR, DEMO_TASKS, DemoTask
 from .generate import chat_replies
 from .inject import detach_adapters
@@ -85,12 +85,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--task", choices=tuple(DEMO_TASKS), default="french")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--prompts", type=int, default=10, help="held-out prompts scored per run")
-    parser.add_argument("--max-tokens", type=int, default=40)
+    parser.add_argument("--prompts", type=int, default=8, help="held-out prompts scored per run")
+    parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--base", default=None, help="HF model directory (default: embedded model)")
     parser.add_argument("--demo-dir", type=Path, default=DEMO_DIR)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -98,6 +98,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unshadow_hf_kernels()
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
