@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,7 +22,7 @@ from prolora_serve.adapters.weights import CompactAdapter
 
 from .base import BASE_DTYPES, TrainingBase, load_training_base, pad_token_id
 from .data import IGNORE_INDEX, TokenizedExample, batch_stream, fixed_batches, read_jsonl, tokenize_dataset
-from .inject import extract_adapter, inject_prolora
+from .inject import extract_adapter, inject_prolora, prolora_layers
 
 METHODS = ("prolora", "lora")
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -100,7 +100,6 @@ class TrainResult:
     num_dropped: int  # examples with no loss token left after truncation
     num_tokens: int  # tokens processed (padding excluded)
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final_loss(self) -> float:
@@ -183,6 +182,8 @@ class _Optimization:
 
 def prepare_model(base: TrainingBase, config: TrainConfig) -> ProLoRAConfig:
     """Inject freshly initialized adapter layers (seeded) and return the adapter config."""
+    if prolora_layers(base.model):
+        raise ValueError("the base model already holds adapter layers; detach_adapters() first")
     adapter_config = config.adapter_config(base.name)
     torch.manual_seed(config.seed)
     inject_prolora(base.model, adapter_config, config.dropout)
