@@ -58,6 +58,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    unshadow_hf_kernels()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -83,7 +84,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    unshadow_hf_kernels()
     parser = argparse.ArgumentParser(prog="prolora-serve")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
