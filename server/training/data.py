@@ -30,7 +30,8 @@ class TokenizedExample:
 
     @property
     def num_loss_tokens(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        """Labelled positions a previous token predicts (the first token has no predictor)."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
