@@ -1,5 +1,5 @@
-"""The CPU fast path: one fused C++ call per gathered group (cpu_gathered.cpp), torch matmuls
-(BLAS) for large per-adapter segments.
+"""The CPU fast path: one fused C++ call per gathered group (cpu_gathered.cpp) serves every
+adapted row of a module, however the rows are spread over adapters.
 
 A gathered group done with torch ops costs about ten small kernel launches per adapted layer;
 on a CPU those fixed costs dominate decode, so the group is fused into one call compiled on
@@ -18,9 +18,8 @@ from types import ModuleType
 import torch
 
 from .metadata import AdapterBatch
-from .plan import GatheredGroup, cached_module_plan
+from .plan import NEVER_SEGMENT, GatheredGroup, cached_module_plan
 from .pool import AdapterWeightPool
-from .torch_backend import accumulate_rows, segment_delta
 
 SOURCE = Path(__file__).with_name("cpu_gathered.cpp")
 
@@ -42,11 +41,15 @@ def load_extension() -> ModuleType:
                 extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
 
 
-def fused_gathered_delta(x: torch.Tensor, group: GatheredGroup) -> torch.Tensor:
+_ALL_ROWS = torch.empty(0, dtype=torch.int64)
+
+
+def fused_gathered_apply(y: torch.Tensor, x: torch.Tensor, group: GatheredGroup) -> None:
     spec = group.spec
-    return load_extension().gathered_delta(
-        x.contiguous(), group.A0, group.B0t, group.Au, group.But, group.scales,
-        spec.out_features, spec.reduce_a, spec.reduce_b, spec.stride_a, spec.stride_b)
+    rows = _ALL_ROWS if group.rows is None else group.rows
+    load_extension().gathered_apply(y, x, rows, group.weight_index, group.A0, group.B0t, group.Au,
+                                    group.But, group.scales, spec.reduce_a, spec.reduce_b,
+                                    spec.stride_a, spec.stride_b)
 
 
 class CpuBackend:
@@ -59,11 +62,12 @@ class CpuBackend:
               batch: AdapterBatch) -> None:
         if pool.dtype != torch.float32:
             raise TypeError("the cpu backend runs float32 adapter pools; use the torch backend")
-        plan = cached_module_plan(pool, module_path, batch)
+        # The fused call beats BLAS segments here, even for long runs of one adapter.
+        plan = cached_module_plan(pool, module_path, batch, NEVER_SEGMENT)
         if plan is None:
             return
-        x = x.to(torch.float32)
-        for segment in plan.segments:
-            accumulate_rows(y, x, segment.rows, segment_delta, segment)
+        if y.dtype != torch.float32 or not y.is_contiguous():
+            raise TypeError("the cpu backend adds into a contiguous float32 output")
+        x = x.to(torch.float32).contiguous()
         for group in plan.groups:
-            accumulate_rows(y, x, group.rows, fused_gathered_delta, group)
+            fused_gathered_apply(y, x, group)

@@ -1,10 +1,12 @@
 """Per-module kernel plans: which rows go through which compact weights, and how.
 
-Rows of one adapter that are numerous (a prefill chunk, or one popular adapter) form a
-``Segment`` and use plain matmuls on that adapter's weights. The remaining rows are grouped by
-shape class (same h, o, r, u, m, n) into a ``GatheredGroup`` whose weights are stacked per row
-so a handful of batched matmuls serve every adapter at once (decode with distinct adapters).
-Classes keep their own exact shapes, so a large rank never pads a small one.
+Rows of one adapter that are numerous (a prefill chunk, or one popular adapter) may form a
+``Segment`` and use plain matmuls on that adapter's weights (backends that gain from BLAS on
+many rows ask for this with ``segment_min_rows``). The remaining rows are grouped by shape
+class (same h, o, r, u, m, n) into a ``GatheredGroup``: the weights of its distinct adapters
+stacked once, and per row an index into that stack, so one batched call serves every adapter
+(decode with distinct adapters). Classes keep their own exact shapes, so a large rank never
+pads a small one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from ..adapters.weights import CompactLinearWeights
 from .metadata import AdapterBatch
 from .pool import AdapterWeightPool
 
-SEGMENT_MIN_ROWS = 8  # below this, gathering the weights per row beats a per-adapter matmul
+SEGMENT_MIN_ROWS = 8  # torch/triton: below this, a gathered row beats a per-adapter matmul
+NEVER_SEGMENT = 1 << 62  # segment_min_rows of a backend whose gathered path serves every row
 PLAN_CACHE_SIGNATURES = 4  # distinct step layouts whose plans are kept (prefill/decode alternate)
 
 
@@ -56,13 +59,14 @@ class Segment:
 
 @dataclass(frozen=True)
 class GatheredGroup:
-    spec: LayerSpec  # shape class shared by the group (alpha is per row, in `scales`)
+    spec: LayerSpec  # shape class shared by the group (alpha is per adapter, in `scales`)
     rows: torch.Tensor | None  # (G,) int64 ascending; None = every row of the step, in order
-    A0: torch.Tensor  # (G, R, cA)
-    B0t: torch.Tensor  # (G, R, cB): B0 transposed, so the expand reads contiguous output runs
-    Au: torch.Tensor  # (G, u, h)
-    But: torch.Tensor  # (G, u, o): Bu transposed, likewise
-    scales: torch.Tensor  # (G, 1)
+    weight_index: torch.Tensor  # (G,) int64: the stacked adapter each row uses, in [0, S)
+    A0: torch.Tensor  # (S, R, cA)
+    B0t: torch.Tensor  # (S, R, cB): B0 transposed, so the expand reads contiguous output runs
+    Au: torch.Tensor  # (S, u, h)
+    But: torch.Tensor  # (S, u, o): Bu transposed, likewise
+    scales: torch.Tensor  # (S, 1)
     tables: RotationTables
 
 
@@ -78,17 +82,25 @@ def _rows_or_all(rows: torch.Tensor, num_rows: int) -> torch.Tensor | None:
 
 def _gathered_group(entries: list[tuple[int, CompactLinearWeights]], num_rows: int) -> GatheredGroup:
     entries.sort(key=lambda pair: pair[0])
-    weights = [w for _, w in entries]
+    stacked: dict[int, int] = {}  # id(weights) -> index in the stack
+    weights: list[CompactLinearWeights] = []
+    for _, w in entries:
+        if id(w) not in stacked:
+            stacked[id(w)] = len(weights)
+            weights.append(w)
     first = weights[0]
-    rows = torch.tensor([row for row, _ in entries], dtype=torch.int64, device=first.A0.device)
-    scales = torch.tensor([[w.spec.scale] for w in weights], dtype=first.A0.dtype, device=first.A0.device)
+    device, dtype = first.A0.device, first.A0.dtype
+    rows = torch.tensor([row for row, _ in entries], dtype=torch.int64, device=device)
+    index = torch.tensor([stacked[id(w)] for _, w in entries], dtype=torch.int64, device=device)
+    scales = torch.tensor([[w.spec.scale] for w in weights], dtype=dtype, device=device)
     stacks = [torch.stack([w.A0 for w in weights]), torch.stack([w.B0.T for w in weights]),
               torch.stack([w.Au for w in weights]), torch.stack([w.Bu.T for w in weights])]
-    tables = rotation_tables(first.spec.shape_key, first.A0.dtype, first.A0.device)
-    return GatheredGroup(first.spec, _rows_or_all(rows, num_rows), *stacks, scales, tables)
+    tables = rotation_tables(first.spec.shape_key, dtype, device)
+    return GatheredGroup(first.spec, _rows_or_all(rows, num_rows), index, *stacks, scales, tables)
 
 
-def build_module_plan(weights: dict[int, CompactLinearWeights], batch: AdapterBatch) -> ModulePlan:
+def build_module_plan(weights: dict[int, CompactLinearWeights], batch: AdapterBatch,
+                      segment_min_rows: int = SEGMENT_MIN_ROWS) -> ModulePlan:
     """Split the step's rows for one module into segments and gathered groups (pure function)."""
     segments: list[Segment] = []
     classes: dict[tuple[int, ...], list[tuple[int, CompactLinearWeights]]] = {}
@@ -96,7 +108,7 @@ def build_module_plan(weights: dict[int, CompactLinearWeights], batch: AdapterBa
         entry = weights.get(slot)
         if entry is None:
             continue
-        if rows.numel() >= SEGMENT_MIN_ROWS:
+        if rows.numel() >= segment_min_rows:
             tables = rotation_tables(entry.spec.shape_key, entry.A0.dtype, entry.A0.device)
             segments.append(Segment(_rows_or_all(rows, batch.num_rows), entry, tables))
         else:
@@ -105,20 +117,22 @@ def build_module_plan(weights: dict[int, CompactLinearWeights], batch: AdapterBa
     return ModulePlan(tuple(segments), groups)
 
 
-def cached_module_plan(pool: AdapterWeightPool, module_path: str, batch: AdapterBatch) -> ModulePlan | None:
+def cached_module_plan(pool: AdapterWeightPool, module_path: str, batch: AdapterBatch,
+                       segment_min_rows: int = SEGMENT_MIN_ROWS) -> ModulePlan | None:
     """The plan for this module and step, reused while the step layout and pool are unchanged."""
     weights = pool.module(module_path)
     if weights is None:
         return None
     cache: OrderedDict = pool.plan_cache.setdefault("plans", OrderedDict())
-    plans = cache.get(batch.signature)
+    key = (batch.signature, segment_min_rows)
+    plans = cache.get(key)
     if plans is None:
-        plans = cache[batch.signature] = {}
+        plans = cache[key] = {}
         while len(cache) > PLAN_CACHE_SIGNATURES:
             cache.popitem(last=False)
     else:
-        cache.move_to_end(batch.signature)
+        cache.move_to_end(key)
     plan = plans.get(module_path)
     if plan is None:
-        plan = plans[module_path] = build_module_plan(weights, batch)
+        plan = plans[module_path] = build_module_plan(weights, batch, segment_min_rows)
     return plan

@@ -26,8 +26,8 @@ def _shared_rows(x: torch.Tensor, a0: torch.Tensor, b0t: torch.Tensor, spec, tab
     """Shared-rank output for rows x (N, h); a0 (.., R, cA) / b0t (.., R, cB) one adapter's or
     stacked per row."""
     rows = x.shape[0]
-    padded = F.pad(x, (0, spec.reduce_a * spec.chunk_a - spec.in_features))
-    chunks = padded.view(rows, spec.reduce_a, spec.chunk_a)
+    pad = spec.reduce_a * spec.chunk_a - spec.in_features
+    chunks = (F.pad(x, (0, pad)) if pad else x).reshape(rows, spec.reduce_a, spec.chunk_a)
     y_chunks = chunks @ a0.transpose(-1, -2)  # (N, m, R)
     z = y_chunks.reshape(rows, -1) @ tables.fold_a  # (N, R)
     z_chunks = (z @ tables.unfold_b).view(rows, spec.reduce_b, spec.shared_r)  # (N, n, R)
@@ -37,23 +37,24 @@ def _shared_rows(x: torch.Tensor, a0: torch.Tensor, b0t: torch.Tensor, spec, tab
 
 def segment_delta(x: torch.Tensor, segment: Segment) -> torch.Tensor:
     w, spec = segment.weights, segment.weights.spec
-    out = x.new_zeros(x.shape[0], spec.out_features)
     if spec.shared_r:
-        out += _shared_rows(x, w.A0, w.B0.T, spec, segment.tables)
-    if spec.unshared_r:
-        out += (x @ w.Au.T) @ w.Bu.T
-    return out * spec.scale
+        out = _shared_rows(x, w.A0, w.B0.T, spec, segment.tables)
+        if spec.unshared_r:
+            out = torch.addmm(out, x @ w.Au.T, w.Bu.T)
+    else:
+        out = (x @ w.Au.T) @ w.Bu.T
+    return out.mul_(spec.scale)
 
 
 def _group_delta(x: torch.Tensor, group: GatheredGroup) -> torch.Tensor:
-    spec = group.spec
+    spec, index = group.spec, group.weight_index
     out = x.new_zeros(x.shape[0], spec.out_features)
     if spec.shared_r:
-        out += _shared_rows(x, group.A0, group.B0t, spec, group.tables)
+        out += _shared_rows(x, group.A0[index], group.B0t[index], spec, group.tables)
     if spec.unshared_r:
-        low = torch.bmm(x.unsqueeze(1), group.Au.transpose(1, 2))  # (G, 1, u)
-        out += torch.bmm(low, group.But).squeeze(1)
-    return out * group.scales
+        low = torch.bmm(x.unsqueeze(1), group.Au[index].transpose(1, 2))  # (G, 1, u)
+        out += torch.bmm(low, group.But[index]).squeeze(1)
+    return out * group.scales[index]
 
 
 def accumulate_rows(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None, delta_fn, part) -> None:
