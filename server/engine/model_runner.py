@@ -56,7 +56,7 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_cache = model.make_kv_cache(num_blocks, block_size)
         self.pool = AdapterWeightPool(model.device, model.dtype)
-        self.adapter_ctx = AdapterContext(self.pool, get_backend(adapter_backend, model.device))
+        self.adapter_ctx = AdapterContext(self.pool, get_backend(adapter_backend, model.device, model.dtype))
         install_adapter_layers(model, self.adapter_ctx)
 
     @torch.inference_mode()
