@@ -65,7 +65,14 @@ def accumulate_rows(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None,
 
 
 class TorchBackend:
+    """Segments by BLAS matmuls, gathered groups by ``group_delta`` (batched torch ops here;
+    the Triton backend overrides it with its kernels)."""
+
     name = "torch"
+
+    @staticmethod
+    def group_delta(x: torch.Tensor, group: GatheredGroup) -> torch.Tensor:
+        return _group_delta(x, group)
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, pool: AdapterWeightPool, module_path: str,
               batch: AdapterBatch) -> None:
@@ -76,4 +83,4 @@ class TorchBackend:
         for segment in plan.segments:
             accumulate_rows(y, x, segment.rows, segment_delta, segment)
         for group in plan.groups:
-            accumulate_rows(y, x, group.rows, _group_delta, group)
+            accumulate_rows(y, x, group.rows, self.group_delta, group)

@@ -17,10 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .metadata import AdapterBatch
-from .plan import GatheredGroup, cached_module_plan
-from .pool import AdapterWeightPool
-from .torch_backend import accumulate_rows, segment_delta
+from .plan import GatheredGroup
+from .torch_backend import TorchBackend
 
 BLOCK_J = 32
 BLOCK_O = 64
@@ -99,24 +97,19 @@ def gathered_delta(x: torch.Tensor, group: GatheredGroup) -> torch.Tensor:
     out = torch.empty(rows, spec.out_features, dtype=torch.float32, device=x.device)
     flags = dict(HAS_SHARED=shared > 0, HAS_UNSHARED=unshared > 0,
                  BLOCK_R=_next_pow2(shared), BLOCK_U=_next_pow2(unshared))
-    _shrink_kernel[(rows,)](x, group.weight_index, group.A0, group.Au, z, su, spec.in_features, shared, spec.chunk_a,
-                            spec.reduce_a, spec.stride_a, unshared, BLOCK_J=BLOCK_J, **flags)
+    _shrink_kernel[(rows,)](x, group.weight_index, group.A0, group.Au, z, su, spec.in_features,
+                            shared, spec.chunk_a, spec.reduce_a, spec.stride_a, unshared,
+                            BLOCK_J=BLOCK_J, **flags)
     grid = (rows, triton.cdiv(spec.out_features, BLOCK_O))
-    _expand_kernel[grid](z, su, group.weight_index, group.B0t, group.But, group.scales, out, spec.out_features, shared,
-                         spec.chunk_b, spec.stride_b, unshared, BLOCK_O=BLOCK_O, **flags)
+    _expand_kernel[grid](z, su, group.weight_index, group.B0t, group.But, group.scales, out,
+                         spec.out_features, shared, spec.chunk_b, spec.stride_b, unshared,
+                         BLOCK_O=BLOCK_O, **flags)
     return out
 
 
-class TritonBackend:
+class TritonBackend(TorchBackend):
     name = "triton"
 
-    def apply(self, y: torch.Tensor, x: torch.Tensor, pool: AdapterWeightPool, module_path: str,
-              batch: AdapterBatch) -> None:
-        plan = cached_module_plan(pool, module_path, batch)
-        if plan is None:
-            return
-        x = x.to(pool.dtype)
-        for segment in plan.segments:
-            accumulate_rows(y, x, segment.rows, segment_delta, segment)
-        for group in plan.groups:
-            accumulate_rows(y, x, group.rows, gathered_delta, group)
+    @staticmethod
+    def group_delta(x: torch.Tensor, group: GatheredGroup) -> torch.Tensor:
+        return gathered_delta(x, group)
