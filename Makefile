@@ -6,6 +6,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 SERVE_ARGS ?=
+DEMO_ADAPTERS := demo/adapters
 
 .PHONY: serve test env browser bench clean-env
 
@@ -24,8 +25,9 @@ env: $(STAMP)
 browser:
 	command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium)
 
+# Registers the demo adapters (ids: file names) next to whatever the registry already holds.
 serve: $(STAMP)
-	$(VENV)/bin/prolora-serve serve $(SERVE_ARGS)
+	$(VENV)/bin/prolora-serve serve --register $(DEMO_ADAPTERS) $(SERVE_ARGS)
 
 test: $(STAMP) browser
 	$(VENV)/bin/pytest -q -ra
