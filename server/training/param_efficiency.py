@@ -108,9 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                          batch_size=args.batch_size, max_length=args.max_length, warmup_ratio=0.05,
                          max_grad_norm=1.0, progress=False)
     base = load_training_base(args.base)
-    runs = [run_arm(base, replace(shared, seed=int(seed), **shape), arm, task, args.prompts,
-                    args.max_tokens, args.demo_dir)
-            for seed in args.seeds.split(",") for arm, shape in ARMS.items()]
+    runs = []
+    for seed in args.seeds.split(","):
+        for arm, shape in ARMS.items():
+            runs.append(run_arm(base, replace(shared, seed=int(seed), **shape), arm, task,
+                                args.prompts, args.max_tokens, args.demo_dir))
+            print(f"{arm} seed {seed}: held-out loss {runs[-1].heldout_loss:.4f} "
+                  f"({runs[-1].seconds:.0f} s)", file=sys.stderr, flush=True)
     rows = summarize(runs)
     print(json.dumps({"task": args.task, "steps": args.steps, "batch_size": args.batch_size,
                       "lr": args.lr, "summary": rows, "runs": [asdict(r) for r in runs]}))
