@@ -49,14 +49,21 @@ def test_train_then_evaluate_demo(tiny_llama_dir, tiny_demo_dir, capsys, monkeyp
 
 def test_param_efficiency_reports_both_arms_per_seed(tiny_llama_dir, tiny_demo_dir, capsys):
     args = ["--task", "pirate", "--seeds", "0,1", "--steps", "2", "--batch-size", "2",
+            "--arms", "lora,prolora,prolora-lr", "--shared-lr-factor", "2",
             "--prompts", "2", "--max-tokens", "2", "--base", str(tiny_llama_dir),
             "--demo-dir", str(tiny_demo_dir)]
     assert param_efficiency.main(args) == 0
     report = last_json(capsys.readouterr().out)
-    assert [row["arm"] for row in report["summary"]] == list(param_efficiency.ARMS)
+    arms = ["LoRA r=2", "PRoLoRA r=8 u=1 m=n=7", "PRoLoRA, shared lr x2"]
+    assert [row["arm"] for row in report["summary"]] == arms
     assert [(run["arm"], run["seed"]) for run in report["runs"]] == [
-        (arm, seed) for seed in (0, 1) for arm in param_efficiency.ARMS]
-    lora, prolora = (row["trainable_params"] for row in report["summary"])
+        (arm, seed) for seed in (0, 1) for arm in arms]
+    lora, prolora, prolora_lr = (row["trainable_params"] for row in report["summary"])
+    assert prolora == prolora_lr
     assert lora == 2 * 2 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 96))  # r=2, 2 layers
     assert prolora < 2 * lora  # r=8 for far less than LoRA r=8's 4x
     assert all(row["heldout_loss_mean"] > 0 for row in report["summary"])
+    losses = {run["arm"]: run["heldout_loss"] for run in report["runs"] if run["seed"] == 0}
+    assert losses[arms[1]] != losses[arms[2]]  # the shared learning rate made a difference
+    with pytest.raises(ValueError, match="unknown arm"):
+        param_efficiency.arm_settings("dora", 1e-3, 2.0)

@@ -1,11 +1,13 @@
 """Parameter efficiency, reproduced small: LoRA r=2 against PRoLoRA r=8, u=1, m=n=7.
 
     python -m prolora_serve.server.training.param_efficiency [--task french] [--seeds 0,1,2]
+        [--arms lora,prolora,prolora-lr] [--shared-lr-factor 3]
 
 Both adapt all seven projections of the default model with (almost) the same number of
 trainable parameters (the paper's Table 2 budget, scaled to SmolLM2-135M). Same data, steps,
 learning rate and seeds; the metrics are the held-out loss of the task's reference replies and
-the task score of greedy replies to the held-out prompts. Prints one JSON object, then a table.
+the task score of greedy replies to the held-out prompts. The optional ``prolora-lr`` arm gives
+the shared tensors a larger learning rate. Prints one JSON object, then a table.
 """
 
 from __future__ import annotations
@@ -27,10 +29,24 @@ from .generate import chat_replies
 from .inject import detach_adapters
 from .trainer import TrainConfig, train_adapter
 
-ARMS = {  # name -> the adapter shape; everything else is shared
-    "LoRA r=2": dict(method="lora", r=2),
-    "PRoLoRA r=8 u=1 m=n=7": dict(method="prolora", r=8, unshared_r=1, reduce_a=7, reduce_b=7),
-}
+PROLORA_SHAPE = dict(method="prolora", r=8, unshared_r=1, reduce_a=7, reduce_b=7)
+DEFAULT_ARMS = ("lora", "prolora")
+
+
+def arm_settings(key: str, lr: float, shared_lr_factor: float) -> tuple[str, dict]:
+    """An arm's table label and its TrainConfig overrides; everything else is shared.
+
+    ``prolora-lr`` gives A0/B0 a larger learning rate: their gradient sums over the m (n)
+    positions each chunk is broadcast to, where updates partly cancel (paper s4.4, future work).
+    """
+    if key == "lora":
+        return "LoRA r=2", dict(method="lora", r=2)
+    if key == "prolora":
+        return "PRoLoRA r=8 u=1 m=n=7", PROLORA_SHAPE
+    if key == "prolora-lr":
+        return (f"PRoLoRA, shared lr x{shared_lr_factor:g}",
+                dict(PROLORA_SHAPE, lr_shared=lr * shared_lr_factor))
+    raise ValueError(f"unknown arm {key!r}: use lora, prolora or prolora-lr")
 
 
 @dataclass
@@ -72,10 +88,10 @@ def summarize(runs: list[Run]) -> list[dict]:
 
 
 def format_table(rows: list[dict], runs: list[Run]) -> str:
-    lines = [f"{'arm':<24} {'params':>8} {'held-out loss':>16} {'task score':>10} {'train loss':>10}  per seed"]
+    lines = [f"{'arm':<28} {'params':>8} {'held-out loss':>16} {'task score':>10} {'train loss':>10}  per seed"]
     for row in rows:
         per_seed = " ".join(f"{r.heldout_loss:.4f}" for r in runs if r.arm == row["arm"])
-        lines.append(f"{row['arm']:<24} {row['trainable_params']:>8} "
+        lines.append(f"{row['arm']:<28} {row['trainable_params']:>8} "
                      f"{row['heldout_loss_mean']:>9.4f} ±{row['heldout_loss_std']:.4f} "
                      f"{row['task_score_mean']:>10.2f} {row['final_train_loss_mean']:>10.4f}  {per_seed}")
     return "\n".join(lines)
@@ -85,6 +101,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--task", choices=tuple(DEMO_TASKS), default="french")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS), help="lora, prolora, prolora-lr")
+    parser.add_argument("--shared-lr-factor", type=float, default=3.0,
+                        help="A0/B0 learning rate = lr x this, in the prolora-lr arm")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -108,10 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                          batch_size=args.batch_size, max_length=args.max_length, warmup_ratio=0.05,
                          max_grad_norm=1.0, progress=False)
     base = load_training_base(args.base)
+    arms = [arm_settings(key, args.lr, args.shared_lr_factor) for key in args.arms.split(",")]
     runs = []
     for seed in args.seeds.split(","):
-        for arm, shape in ARMS.items():
-            runs.append(run_arm(base, replace(shared, seed=int(seed), **shape), arm, task,
+        for arm, overrides in arms:
+            runs.append(run_arm(base, replace(shared, seed=int(seed), **overrides), arm, task,
                                 args.prompts, args.max_tokens, args.demo_dir))
             print(f"{arm} seed {seed}: held-out loss {runs[-1].heldout_loss:.4f} "
                   f"({runs[-1].seconds:.0f} s)", file=sys.stderr, flush=True)
