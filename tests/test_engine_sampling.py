@@ -192,3 +192,11 @@ def test_stop_strings_cut_the_text_and_never_stream_a_stop_prefix(stop, pieces, 
     if not stopped:
         streamed += text.take_delta(finished=True)
     assert streamed == expected == text.text
+
+
+def test_tiny_top_p_keeps_the_most_likely_token() -> None:
+    # 3.5e-133 is a valid top_p that rounds to 0.0 in float32: sampling must still work.
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0]])
+    params = [SamplingParams(temperature=1.0, top_p=3.5e-133)]
+    probs = sampling_probs(logits, params)
+    assert torch.equal(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))

@@ -6,16 +6,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
 from .auth import require_api_key
 from .common import (ServingState, check_token_ids, encode, new_id, now, resolve_adapter,
                      response_model_name, sampling_params, serving_state, token_budget, usage)
 from .errors import APIError
-from .generation import ChoiceJob, ChoiceResult, collect, first_and_rest, merged_outputs, until_disconnected
+from .generation import ChoiceJob, ChoiceResult, respond
 from .logprobs import LegacyLogprobsBuilder
 from .schemas import CompletionChoice, CompletionRequest, CompletionResponse
-from .streaming import sse_events
 
 router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
 MAX_CHOICES = 128  # prompts x n in one request
@@ -152,9 +150,4 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     request_id = new_id("cmpl")
     writer = CompletionWriter(state, body, prompts, request_id,
                               response_model_name(state, body.model, adapter_id))
-    outputs = merged_outputs(state.engine, request_id, jobs, adapter_id)
-    if body.stream:
-        _, outputs = await until_disconnected(request, first_and_rest(outputs))
-        return StreamingResponse(sse_events(outputs, writer), media_type="text/event-stream")
-    results = await until_disconnected(request, collect(outputs, len(jobs)))
-    return writer.response(results)
+    return await respond(request, state.engine, request_id, jobs, adapter_id, writer, body.stream)

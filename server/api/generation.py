@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from prolora_serve.server.engine.errors import EngineError
 from prolora_serve.server.engine.sampling import SamplingParams
 
 from .errors import APIError
+from .streaming import sse_events
 
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.25
@@ -130,3 +132,13 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     finally:
         task.cancel()
 
+
+async def respond(request: Request, engine: Any, request_id: str, jobs: list[ChoiceJob],
+                  adapter_id: str | None, writer: Any, stream: bool) -> Any:
+    """Run an API call's choices: an SSE stream through ``writer``, or one gathered response."""
+    outputs = merged_outputs(engine, request_id, jobs, adapter_id)
+    if stream:
+        _, outputs = await until_disconnected(request, first_and_rest(outputs))
+        return StreamingResponse(sse_events(outputs, writer), media_type="text/event-stream")
+    results = await until_disconnected(request, collect(outputs, len(jobs)))
+    return writer.response(results)

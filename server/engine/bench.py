@@ -28,20 +28,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# `python -m` from the repository root puts it first on sys.path, where our kernels/ folder would
-# shadow the Hugging Face `kernels` package that transformers probes for at import time.
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO_ROOT]
+import torch
 
-import torch  # noqa: E402
-
-from ...adapters.config import ProLoRAConfig  # noqa: E402
-from ...adapters.format import save_adapter  # noqa: E402
-from ...adapters.registry import AdapterRegistry  # noqa: E402
-from ...adapters.weights import CompactAdapter  # noqa: E402
-from .engine import EngineConfig, LLMEngine  # noqa: E402
-from .loader import LoadedModel, load_base_model  # noqa: E402
-from .sampling import SamplingParams  # noqa: E402
+from ...adapters.config import ProLoRAConfig
+from ...adapters.format import save_adapter
+from ...adapters.registry import AdapterRegistry
+from ...adapters.weights import CompactAdapter
+from .engine import EngineConfig, LLMEngine
+from .loader import LoadedModel, load_base_model
+from .sampling import SamplingParams
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUESTIONS = ("What is the capital of France?", "Explain photosynthesis in simple words.",

@@ -96,6 +96,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # exclusive cumulative mass
     cut = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)  # p = 1 is off
+    cut[:, 0] = False  # the most likely token always stays (a tiny p can round to 0 in float32)
     sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,16 +10,6 @@ import torch
 from torch import nn
 
 BASE_DTYPES = ("fp32", "bf16", "nf4")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def unshadow_hf_kernels() -> None:
-    """For ``python -m`` entry points: drop the repository root from sys.path.
-
-    Run from the root, our kernels/ folder would shadow the Hugging Face ``kernels`` package
-    that transformers probes for when it loads a model. Call before importing transformers.
-    """
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
 
 
 @dataclass

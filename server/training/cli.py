@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from .trainer import LLAMA_LINEARS, METHODS, SAVE_DTYPES, TrainConfig, train_adapter
-from .base import BASE_DTYPES, unshadow_hf_kernels
+from .base import BASE_DTYPES
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +58,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    unshadow_hf_kernels()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

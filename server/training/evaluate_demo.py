@@ -21,7 +21,7 @@ import torch
 
 from prolora_serve.adapters.format import load_adapter
 
-from .base import TrainingBase, load_training_base, unshadow_hf_kernels
+from .base import TrainingBase, load_training_base
 from .demo_tasks import DEMO_DIR, DEMO_TASKS, DemoTask
 from .generate import chat_replies
 from .inject import attach_adapter, detach_adapters
@@ -64,7 +64,6 @@ def format_table(scores: list[TaskScore]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    unshadow_hf_kernels()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--tasks", default=",".join(DEMO_TASKS), help="comma-separated task names")
     parser.add_argument("--prompts", type=int, default=30, help="held-out prompts per task")

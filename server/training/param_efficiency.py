@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from .base import TrainingBase, load_training_base, unshadow_hf_kernels
+from .base import TrainingBase, load_training_base
 from .demo_tasks import DEMO_DIR, DEMO_TASKS, DemoTask
 from .generate import chat_replies
 from .inject import detach_adapters
@@ -117,7 +117,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    unshadow_hf_kernels()
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

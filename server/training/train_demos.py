@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .base import load_training_base, unshadow_hf_kernels
+from .base import load_training_base
 from .demo_tasks import DEMO_DIR, DEMO_TASKS
 from .inject import detach_adapters
 from .trainer import TrainConfig, train_adapter
@@ -28,7 +28,6 @@ RECIPE = dict(method="prolora", r=8, unshared_r=1, reduce_a=7, reduce_b=7, alpha
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    unshadow_hf_kernels()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--tasks", default=",".join(DEMO_TASKS))
     parser.add_argument("--base", default=None, help="HF model directory (default: embedded model)")
