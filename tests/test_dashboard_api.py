@@ -237,6 +237,8 @@ def test_page_and_assets_are_served(client: TestClient) -> None:
         response = client.get(f"/dashboard/static/{asset}")
         assert response.status_code == 200 and response.headers["content-type"].startswith(media)
     assert "http://" not in page.text and "https://" not in page.text  # no CDN, no network
+    root = client.get("/", follow_redirects=False)
+    assert root.status_code == 307 and root.headers["location"] == "/dashboard"
 
 
 @pytest.mark.parametrize("name", ["nope.js", "..%2Fdashboard.py", "__init__.py"])

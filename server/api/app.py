@@ -17,7 +17,7 @@ from prolora_serve.adapters.registry import AdapterRegistry
 from prolora_serve.adapters.weights import CompactAdapter
 
 from ..config import ServerConfig
-from . import adapters, chat, completions, metrics, models
+from . import adapters, chat, completions, dashboard, metrics, models
 from .auth import require_api_key
 from .errors import install_error_handlers
 
@@ -101,15 +101,6 @@ def _require_key_on_v1(request: Request) -> None:
         require_api_key(request)
 
 
-def _mount_dashboard(app: FastAPI) -> None:
-    try:
-        from . import dashboard
-    except ImportError as err:  # the dashboard is optional for the API to work
-        log.warning("dashboard not mounted: %s", err)
-        return
-    app.include_router(dashboard.router, dependencies=[Depends(_require_key_on_v1)])
-
-
 def create_app(config: ServerConfig, engine: Any = None,
                registry: AdapterRegistry | None = None) -> FastAPI:
     """The server app. ``engine``/``registry`` may be given (already built); otherwise the
@@ -124,5 +115,5 @@ def create_app(config: ServerConfig, engine: Any = None,
     install_error_handlers(app)
     for module in (completions, chat, models, adapters, metrics):
         app.include_router(module.router)
-    _mount_dashboard(app)
+    app.include_router(dashboard.router, dependencies=[Depends(_require_key_on_v1)])
     return app

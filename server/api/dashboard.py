@@ -12,7 +12,7 @@ from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from ...adapters.accounting import AdapterVariant
 from ...adapters.config import AdapterConfigError, ProLoRAConfig
@@ -28,6 +28,12 @@ router.include_router(capacity.router)
 
 
 # --- the page -----------------------------------------------------------------------------
+@router.get("/", include_in_schema=False)
+def root() -> RedirectResponse:
+    """A browser pointed at the server lands on the dashboard."""
+    return RedirectResponse("/dashboard")
+
+
 @router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
 def dashboard_page() -> HTMLResponse:
     return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"),
