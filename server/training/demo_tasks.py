@@ -6,15 +6,30 @@ a task's score on a set of prompts is the fraction of replies that do.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from .data import read_jsonl
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "demo"  # the repository's demo/ folder
+
+
+def add_demo_script_args(parser: argparse.ArgumentParser) -> None:
+    """The options every demo script takes: base model, demo folder, torch threads."""
+    parser.add_argument("--base", default=None, help="HF model directory (default: embedded model)")
+    parser.add_argument("--demo-dir", type=Path, default=DEMO_DIR)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 FRENCH_STOPWORDS = frozenset(
     "le la les l de des du d un une et est sont en que qui dans pour pas sur au aux ce cette ces "

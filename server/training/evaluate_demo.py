@@ -17,12 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 from prolora_serve.adapters.format import load_adapter
 
 from .base import TrainingBase, load_training_base
-from .demo_tasks import DEMO_DIR, DEMO_TASKS, DemoTask
+from .demo_tasks import DEMO_DIR, DEMO_TASKS, DemoTask, add_demo_script_args, apply_threads
 from .generate import chat_replies
 from .inject import attach_adapter, detach_adapters
 
@@ -68,12 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", default=",".join(DEMO_TASKS), help="comma-separated task names")
     parser.add_argument("--prompts", type=int, default=30, help="held-out prompts per task")
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--base", default=None, help="HF model directory (default: embedded model)")
-    parser.add_argument("--demo-dir", type=Path, default=DEMO_DIR)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    add_demo_script_args(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     started = time.perf_counter()
     base = load_training_base(args.base)
     scores = [score_task(base, DEMO_TASKS[name], args.prompts, args.max_tokens, args.demo_dir)

@@ -21,10 +21,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from .base import TrainingBase, load_training_base
-from .demo_tasks import DEMO_DIR, DEMO_TASKS, DemoTask
+from .demo_tasks import DEMO_TASKS, DemoTask, add_demo_script_args, apply_threads
 from .generate import chat_replies
 from .inject import detach_adapters
 from .trainer import TrainConfig, train_adapter
@@ -110,16 +108,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts scored per run")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--base", default=None, help="HF model directory (default: embedded model)")
-    parser.add_argument("--demo-dir", type=Path, default=DEMO_DIR)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    add_demo_script_args(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     task = DEMO_TASKS[args.task]
     shared = TrainConfig(data=task.train_path(args.demo_dir), eval_data=task.heldout_path(args.demo_dir),
                          base=args.base, alpha=16.0, dropout=0.05, lr=args.lr, steps=args.steps,

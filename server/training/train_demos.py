@@ -12,13 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from .base import load_training_base
-from .demo_tasks import DEMO_DIR, DEMO_TASKS
+from .demo_tasks import DEMO_TASKS, add_demo_script_args, apply_threads
 from .inject import detach_adapters
 from .trainer import TrainConfig, train_adapter
 
@@ -30,12 +27,9 @@ RECIPE = dict(method="prolora", r=8, unshared_r=1, reduce_a=7, reduce_b=7, alpha
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--tasks", default=",".join(DEMO_TASKS))
-    parser.add_argument("--base", default=None, help="HF model directory (default: embedded model)")
-    parser.add_argument("--demo-dir", type=Path, default=DEMO_DIR)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    add_demo_script_args(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     base = load_training_base(args.base)
     for name in args.tasks.split(","):
         task = DEMO_TASKS[name]
