@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-
 from prolora_serve.adapters.format import load_adapter
 
 from .base import TrainingBase, load_training_base
