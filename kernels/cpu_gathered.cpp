@@ -26,6 +26,8 @@ static inline void axpy(float alpha, const float* in, float* out, int64_t len) {
   for (int64_t t = 0; t < len; ++t) out[t] += alpha * in[t];
 }
 
+constexpr int64_t kRowsPerThread = 64;
+
 struct Dims {
   int64_t h, o, R, u, m, n, cA, cB, sA, sB;
 };
@@ -72,8 +74,9 @@ void gathered_apply(torch::Tensor y, torch::Tensor x, torch::Tensor rows, torch:
   const float *px = x.data_ptr<float>(), *pa0 = a0.data_ptr<float>(), *pb0 = b0t.data_ptr<float>();
   const float *pau = au.data_ptr<float>(), *pbu = but.data_ptr<float>(), *ps = scales.data_ptr<float>();
   float* py = y.data_ptr<float>();
-  // Rows are independent and distinct; small groups stay on one thread (a hand-off costs more).
-  at::parallel_for(0, G, 16, [&](int64_t begin, int64_t end) {
+  // Rows are independent and distinct. A row costs a few microseconds, about what waking a
+  // second thread costs, so decode-sized groups stay on the calling thread.
+  at::parallel_for(0, G, kRowsPerThread, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(d.R + d.u + 1);
     for (int64_t g = begin; g < end; ++g) {
       const int64_t row = all_rows ? g : prow[g];
