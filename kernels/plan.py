@@ -25,6 +25,7 @@ from .pool import AdapterWeightPool
 SEGMENT_MIN_ROWS = 8  # torch/triton: below this, a gathered row beats a per-adapter matmul
 NEVER_SEGMENT = 1 << 62  # segment_min_rows of a backend whose gathered path serves every row
 PLAN_CACHE_SIGNATURES = 4  # distinct step layouts whose plans are kept (prefill/decode alternate)
+STACK_CACHE_ENTRIES = 4096  # (module, adapter set) weight stacks kept across changing layouts
 
 
 @dataclass(frozen=True)
@@ -80,30 +81,40 @@ def _rows_or_all(rows: torch.Tensor, num_rows: int) -> torch.Tensor | None:
     return None if rows.numel() == num_rows else rows
 
 
-def _gathered_group(entries: list[tuple[int, CompactLinearWeights]], num_rows: int) -> GatheredGroup:
-    entries.sort(key=lambda pair: pair[0])
-    stacked: dict[int, int] = {}  # id(weights) -> index in the stack
-    weights: list[CompactLinearWeights] = []
-    for _, w in entries:
-        if id(w) not in stacked:
-            stacked[id(w)] = len(weights)
-            weights.append(w)
+def _stack(weights: list[CompactLinearWeights]) -> tuple[torch.Tensor, ...]:
+    """A0, B0t, Au, But and scales of the group's distinct adapters, stacked once."""
     first = weights[0]
-    device, dtype = first.A0.device, first.A0.dtype
-    rows = torch.tensor([row for row, _ in entries], dtype=torch.int64, device=device)
-    index = torch.tensor([stacked[id(w)] for _, w in entries], dtype=torch.int64, device=device)
-    scales = torch.tensor([[w.spec.scale] for w in weights], dtype=dtype, device=device)
-    stacks = [torch.stack([w.A0 for w in weights]), torch.stack([w.B0.T for w in weights]),
-              torch.stack([w.Au for w in weights]), torch.stack([w.Bu.T for w in weights])]
-    tables = rotation_tables(first.spec.shape_key, dtype, device)
-    return GatheredGroup(first.spec, _rows_or_all(rows, num_rows), index, *stacks, scales, tables)
+    scales = torch.tensor([[w.spec.scale] for w in weights], dtype=first.A0.dtype, device=first.A0.device)
+    return (torch.stack([w.A0 for w in weights]), torch.stack([w.B0.T for w in weights]),
+            torch.stack([w.Au for w in weights]), torch.stack([w.Bu.T for w in weights]), scales)
+
+
+def _gathered_group(entries: list[tuple[int, int, CompactLinearWeights]], num_rows: int,
+                    stack_cache: dict) -> GatheredGroup:
+    """Rows (row, slot, weights) of one shape class. The stacks depend only on which adapters
+    are present (ordered by slot), so steps that merely move rows around reuse them."""
+    entries.sort()
+    by_slot = {slot: w for _, slot, w in entries}
+    slots = sorted(by_slot)
+    weights = [by_slot[s] for s in slots]
+    key = tuple(id(w) for w in weights)
+    stacks = stack_cache.get(key)
+    if stacks is None:
+        stacks = stack_cache[key] = _stack(weights)
+    device, position = weights[0].A0.device, {slot: i for i, slot in enumerate(slots)}
+    rows = torch.tensor([row for row, _, _ in entries], dtype=torch.int64, device=device)
+    index = torch.tensor([position[slot] for _, slot, _ in entries], dtype=torch.int64, device=device)
+    tables = rotation_tables(weights[0].spec.shape_key, weights[0].A0.dtype, device)
+    return GatheredGroup(weights[0].spec, _rows_or_all(rows, num_rows), index, *stacks, tables)
 
 
 def build_module_plan(weights: dict[int, CompactLinearWeights], batch: AdapterBatch,
-                      segment_min_rows: int = SEGMENT_MIN_ROWS) -> ModulePlan:
-    """Split the step's rows for one module into segments and gathered groups (pure function)."""
+                      segment_min_rows: int = SEGMENT_MIN_ROWS, stack_cache: dict | None = None) -> ModulePlan:
+    """Split the step's rows for one module into segments and gathered groups (pure function,
+    apart from reusing weight stacks found in ``stack_cache``)."""
+    stack_cache = {} if stack_cache is None else stack_cache
     segments: list[Segment] = []
-    classes: dict[tuple[int, ...], list[tuple[int, CompactLinearWeights]]] = {}
+    classes: dict[tuple[int, ...], list[tuple[int, int, CompactLinearWeights]]] = {}
     for slot, rows in zip(batch.slots, batch.slot_rows):
         entry = weights.get(slot)
         if entry is None:
@@ -112,8 +123,8 @@ def build_module_plan(weights: dict[int, CompactLinearWeights], batch: AdapterBa
             tables = rotation_tables(entry.spec.shape_key, entry.A0.dtype, entry.A0.device)
             segments.append(Segment(_rows_or_all(rows, batch.num_rows), entry, tables))
         else:
-            classes.setdefault(entry.spec.shape_key, []).extend((row, entry) for row in rows.tolist())
-    groups = tuple(_gathered_group(entries, batch.num_rows) for entries in classes.values())
+            classes.setdefault(entry.spec.shape_key, []).extend((row, slot, entry) for row in rows.tolist())
+    groups = tuple(_gathered_group(entries, batch.num_rows, stack_cache) for entries in classes.values())
     return ModulePlan(tuple(segments), groups)
 
 
@@ -132,7 +143,10 @@ def cached_module_plan(pool: AdapterWeightPool, module_path: str, batch: Adapter
             cache.popitem(last=False)
     else:
         cache.move_to_end(key)
+    stacks: dict = pool.plan_cache.setdefault("stacks", {})
+    if len(stacks) > STACK_CACHE_ENTRIES:
+        stacks.clear()
     plan = plans.get(module_path)
     if plan is None:
-        plan = plans[module_path] = build_module_plan(weights, batch, segment_min_rows)
+        plan = plans[module_path] = build_module_plan(weights, batch, segment_min_rows, stacks)
     return plan
