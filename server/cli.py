@@ -61,6 +61,8 @@ def add_serve_command(subparsers: Any) -> None:
     _option(serve, "--admin-key", None, "key required for adapter uploads and deletes")
     _option(serve, "--device", "cpu", "torch device for the model")
     _option(serve, "--cache-dir", None, "where the converted default model is cached")
+    _option(serve, "--threads", None, "torch intra-op threads (fewer can be faster on a shared CPU)",
+            type=int)
     _option(serve, "--log-level", "info", "log level",
             choices=("critical", "error", "warning", "info", "debug"))
     serve.add_argument("--register", nargs="+", default=_register_dirs(), metavar="DIR",
@@ -77,7 +79,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_batched_tokens=args.max_batched_tokens, max_model_len=args.max_model_len,
         max_queue=args.max_queue, max_upload_size=args.max_upload_size, api_key=args.api_key,
         admin_key=args.admin_key, register=[Path(p) for p in args.register],
-        cache_dir=Path(args.cache_dir) if args.cache_dir else None, log_level=args.log_level)
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None, log_level=args.log_level,
+        threads=args.threads)
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -88,9 +91,13 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
     import uvicorn
 
     from .api.app import create_app
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
 
     logging.getLogger(__name__).info(
         "model %s (%s), adapters in %s, adapter memory %s, KV cache %s",

@@ -87,6 +87,7 @@ class ServerConfig:
     register: list[Path] = field(default_factory=list)
     cache_dir: Path | None = None
     log_level: str = "info"
+    threads: int | None = None  # torch intra-op threads; None = torch's default (all cores)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -96,6 +97,8 @@ class ServerConfig:
         for name in ("adapter_memory", "kv_cache_memory", "max_batch", "max_batched_tokens",
                      "max_model_len", "max_queue", "max_upload_size"):
             _positive(name, getattr(self, name))
+        if self.threads is not None:
+            _positive("threads", self.threads)
         for name in ("api_key", "admin_key"):
             if getattr(self, name) == "":
                 setattr(self, name, None)  # an empty env var means "no key", never "the empty key"

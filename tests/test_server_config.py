@@ -31,7 +31,7 @@ def test_parse_size_refuses_garbage(text) -> None:
 @pytest.mark.parametrize("overrides, message", [
     ({"dtype": "fp8"}, "dtype"), ({"port": 70000}, "port"), ({"max_batch": 0}, "max_batch"),
     ({"adapter_memory": -5}, "adapter_memory"), ({"max_upload_size": 0}, "max_upload_size"),
-    ({"register": ["/no/such/dir"]}, "no such directory"),
+    ({"register": ["/no/such/dir"]}, "no such directory"), ({"threads": 0}, "threads"),
 ])
 def test_server_config_validates(overrides, message) -> None:
     with pytest.raises(ValueError, match=message):
