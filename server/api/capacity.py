@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
 
 from ...adapters import accounting as acc
 from ...adapters.config import AdapterConfigError

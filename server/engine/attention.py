@@ -7,8 +7,6 @@ share a key/value head are laid out as G query rows of that head (head ``h`` use
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -98,7 +96,3 @@ def reference_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                 scores = keys[:visible, kv_head] @ q[row, head].double() * scale
                 out[row, head] = torch.softmax(scores, 0) @ values[:visible, kv_head]
     return out
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

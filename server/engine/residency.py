@@ -276,10 +276,6 @@ class AdapterCache:
         with self._lock:
             return any(e.retired and e.refcount == 0 for e in self._by_slot.values())
 
-    def is_resident(self, adapter_id: str) -> bool:
-        with self._lock:
-            return adapter_id in self._lru
-
     def resident(self) -> list[ResidentAdapterInfo]:
         with self._lock:
             return [ResidentAdapterInfo(e.adapter_id, e.nbytes, e.num_params, e.last_used,
