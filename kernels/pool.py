@@ -66,6 +66,3 @@ class AdapterWeightPool:
     @property
     def slots(self) -> set[int]:
         return set(self._adapters)
-
-    def __contains__(self, slot: int) -> bool:
-        return slot in self._adapters
