@@ -1,73 +1,107 @@
-"""The CPU fast path: one fused C++ call per gathered group (cpu_gathered.cpp) serves every
-adapted row of a module, however the rows are spread over adapters.
+"""The CPU fast path: one fused C++ call (cpu_gathered.cpp) per adapted module serves every row
+of the step, whatever adapter (or none) each row uses.
 
-A gathered group done with torch ops costs about ten small kernel launches per adapted layer;
-on a CPU those fixed costs dominate decode, so the group is fused into one call compiled on
-first use (torch.utils.cpp_extension, cached by the torch extensions directory). Semantics are
-those of torch_backend.py; the float64 reference checks both.
+The kernel reads the pool's own tensors by address through a per-module slot table (one row of
+addresses and dims per resident adapter, rebuilt only when the pool changes), so a step copies
+no adapter weights and needs no per-step plan: the row -> slot map of the batch is the plan.
+Weights may be resident in float32, bfloat16 or float16 (converted in registers); activations
+are float32. Semantics are those of torch_backend.py; the float64 reference checks both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import platform
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from ..adapters.weights import CompactLinearWeights
 from .metadata import AdapterBatch
-from .plan import NEVER_SEGMENT, GatheredGroup, cached_module_plan
 from .pool import AdapterWeightPool
 
 SOURCE = Path(__file__).with_name("cpu_gathered.cpp")
+WEIGHT_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as in the .cpp
+TABLE_FIELDS = ("present", "A0", "B0t", "Au", "But", "R", "u", "m", "n", "cA", "cB", "sA", "sB")
+_TABLES_KEY = "cpu_slot_tables"
 
 
 def _machine_tag() -> str:
-    """Builds use -march=native, so the cached build is keyed to this processor."""
+    """Builds use -march=native, so the cached build is keyed to this processor and source."""
     try:
         cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         cpu = platform.processor()
-    return hashlib.sha1(f"{platform.machine()} {cpu}".encode()).hexdigest()[:10]
+    return hashlib.sha1(f"{platform.machine()} {cpu} {SOURCE.read_bytes()!r}".encode()).hexdigest()[:10]
 
 
 @lru_cache(maxsize=1)
 def load_extension() -> ModuleType:
     from torch.utils.cpp_extension import load
 
-    return load(name=f"prolora_cpu_gathered_{_machine_tag()}", sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+    module = load(name=f"prolora_cpu_gathered_{_machine_tag()}", sources=[str(SOURCE)],
+                  extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+    if module.NUM_FIELDS != len(TABLE_FIELDS):
+        raise RuntimeError(f"stale kernel build: {module.NUM_FIELDS} table fields, expected {len(TABLE_FIELDS)}")
+    return module
 
 
-_ALL_ROWS = torch.empty(0, dtype=torch.int64)
+@dataclass(frozen=True)
+class SlotTable:
+    """Where the kernel finds each resident adapter's weights for one module."""
+
+    entries: torch.Tensor  # (S, len(TABLE_FIELDS)) int64: present flag, 4 addresses, 8 dims
+    scales: torch.Tensor  # (S,) float32: alpha / r of each slot (0 where absent)
 
 
-def fused_gathered_apply(y: torch.Tensor, x: torch.Tensor, group: GatheredGroup) -> None:
-    spec = group.spec
-    rows = _ALL_ROWS if group.rows is None else group.rows
-    load_extension().gathered_apply(y, x, rows, group.weight_index, group.A0, group.B0t, group.Au,
-                                    group.But, group.scales, spec.reduce_a, spec.reduce_b,
-                                    spec.stride_a, spec.stride_b)
+def table_entry(weights: CompactLinearWeights) -> list[int]:
+    """The kernel's view of one adapter's module: addresses of A0, B0^T, Au, Bu^T and the dims."""
+    spec = weights.spec
+    parts = (weights.A0, weights.B0.T, weights.Au, weights.Bu.T)
+    if not all(t.is_contiguous() for t in parts):
+        raise ValueError("the cpu kernel reads A0, B0^T, Au and Bu^T contiguous (pool layout)")
+    return [1, *(t.data_ptr() for t in parts), spec.shared_r, spec.unshared_r, spec.reduce_a,
+            spec.reduce_b, spec.chunk_a, spec.chunk_b, spec.stride_a, spec.stride_b]
+
+
+def build_slot_table(weights: dict[int, CompactLinearWeights]) -> SlotTable:
+    """Slot -> table row for every adapter resident for a module (pure, apart from addresses)."""
+    size = max(weights) + 1
+    entries = torch.zeros(size, len(TABLE_FIELDS), dtype=torch.int64)
+    scales = torch.zeros(size, dtype=torch.float32)
+    for slot, w in weights.items():
+        entries[slot] = torch.tensor(table_entry(w), dtype=torch.int64)
+        scales[slot] = w.spec.scale
+    return SlotTable(entries, scales)
+
+
+def slot_table(pool: AdapterWeightPool, module_path: str) -> SlotTable | None:
+    """The module's table, kept until the pool next changes (it resets ``plan_cache``)."""
+    tables: dict = pool.plan_cache.setdefault(_TABLES_KEY, {})
+    if module_path not in tables:
+        weights = pool.module(module_path)
+        tables[module_path] = None if weights is None else build_slot_table(weights)
+    return tables[module_path]
 
 
 class CpuBackend:
     name = "cpu"
 
     def __init__(self) -> None:
-        load_extension()  # compile (or load the cached build) once, at selection time
+        self.kernel = load_extension()  # compile (or load the cached build) once, at selection
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, pool: AdapterWeightPool, module_path: str,
               batch: AdapterBatch) -> None:
-        if pool.dtype != torch.float32:
-            raise TypeError("the cpu backend runs float32 adapter pools; use the torch backend")
-        # The fused call beats BLAS segments here, even for long runs of one adapter.
-        plan = cached_module_plan(pool, module_path, batch, NEVER_SEGMENT)
-        if plan is None:
+        code = WEIGHT_DTYPE_CODES.get(pool.dtype)
+        if code is None or pool.device.type != "cpu":
+            raise TypeError(f"the cpu backend reads float32/bfloat16/float16 CPU pools, not {pool.dtype}")
+        table = slot_table(pool, module_path)
+        if table is None:
             return
         if y.dtype != torch.float32 or not y.is_contiguous():
             raise TypeError("the cpu backend adds into a contiguous float32 output")
         x = x.to(torch.float32).contiguous()
-        for group in plan.groups:
-            fused_gathered_apply(y, x, group)
+        self.kernel.gathered_apply(y, x, batch.row_slots, table.entries, table.scales, code)

@@ -1,92 +1,329 @@
-// Fused CPU kernel for a gathered group of the compact PRoLoRA apply (see cpu_backend.py).
+// Fused CPU kernel: every adapted row of one module in one call, straight from the pool's
+// compact weights (see cpu_backend.py).
 //
-// Semantics, for every row g of the group, t = rows[g] (g when rows is empty), a = index[g]:
-//   z[k]   = sum_i sum_j x[t, i*cA + j] * A0[a, (k + i*sA) % R, j]       (k < R, i*cA + j < h)
-//   su[q]  = sum_c Au[a, q, c] * x[t, c]                                  (q < u)
-//   y[t, i*cB + j] += scale[a] * ( sum_c B0t[a, c, j] * z[(c - i*sB) % R]
-//                                  + sum_q But[a, q, i*cB + j] * su[q] )  (i*cB + j < o)
-// shapes: x (T, h), y (T, o), rows (G) or (0), index (G), A0 (S, R, cA), B0t (S, R, cB),
-//         Au (S, u, h), But (S, u, o), scale (S); float32, contiguous.
-// Each row reads x[t] and adds into y[t] in place: the group costs one call and no temporaries.
-// The expand is written as axpys over contiguous output runs (B transposed) so it vectorizes.
+// Semantics, for every row t with s = row_slots[t], 0 <= s < S and table[s, PRESENT] != 0,
+// weights and dims (R, u, m, n, cA, cB, sA, sB) read from table[s], alpha / r = scales[s]:
+//   z[k]   = sum_i sum_j x[t, i*cA + j] * A0[(k + i*sA) % R, j]       (k < R, i*cA + j < h)
+//   su[q]  = sum_c Au[q, c] * x[t, c]                                  (q < u)
+//   y[t, i*cB + j] += scales[s] * ( sum_c B0t[c, j] * z[(c - i*sB) % R]
+//                                   + sum_q But[q, i*cB + j] * su[q] ) (i*cB + j < o)
+// Other rows (NO_ADAPTER, or an adapter that does not target this module) are left alone.
+// shapes: x (T, h) float32, y (T, o) float32, row_slots (T) int64, table (S, kNumFields) int64
+//         (weight addresses and dims, see Field), scales (S) float32; the weights A0 (R, cA),
+//         B0t (R, cB), Au (u, h), But (u, o) are contiguous, of the dtype `weight_dtype`
+//         (0 float32, 1 bfloat16, 2 float16), converted to float32 in registers.
+//
+// Why this shape: mixed-adapter decode reads each row's own small weights once, so the cost is
+// instructions, not FLOPs. The shrink keeps kBlock rank accumulators of kLanes floats live in
+// registers across all m chunks (one horizontal sum per rank, not per chunk and rank); the
+// expand reads and writes each output run once per kBlock ranks. Reading the pool's tensors by
+// address means no per-step copies of adapter weights.
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <algorithm>
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
-static inline float dot(const float* a, const float* b, int64_t len) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t t = 0; t < len; ++t) acc += a[t] * b[t];
-  return acc;
-}
+namespace {
 
-static inline void axpy(float alpha, const float* in, float* out, int64_t len) {
-#pragma omp simd
-  for (int64_t t = 0; t < len; ++t) out[t] += alpha * in[t];
-}
-
+constexpr int64_t kLanes = 16;  // floats per AVX-512 register
+constexpr int64_t kBlock = 8;   // ranks handled per pass, their accumulators live in registers
 constexpr int64_t kRowsPerThread = 64;
 
-struct Dims {
-  int64_t h, o, R, u, m, n, cA, cB, sA, sB;
+enum Field : int64_t { kPresent, kA0, kB0t, kAu, kBut, kR, kU, kM, kN, kCA, kCB, kSA, kSB, kNumFields };
+
+#ifdef __FLT16_MAX__
+using Half16 = _Float16;  // converts with F16C instructions where the CPU has them
+#else
+using Half16 = c10::Half;
+#endif
+
+// Lanes: kLanes floats, loaded and stored with a count of valid lanes so chunk tails need no
+// scalar loop. One AVX-512 register where the build has AVX-512, else a portable array.
+#if defined(__AVX512F__) && !defined(PROLORA_PORTABLE_LANES)
+struct Lanes {
+  __m512 v;
+};
+inline __mmask16 mask_of(int64_t valid) { return static_cast<__mmask16>((1u << valid) - 1u); }
+inline Lanes zero_lanes() { return {_mm512_setzero_ps()}; }
+inline Lanes load_lanes(const float* p, int64_t valid) {
+  return {valid >= kLanes ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask_of(valid), p)};
+}
+inline Lanes load_lanes(const c10::BFloat16* p, int64_t valid) {
+  const __m256i raw = valid >= kLanes ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                      : _mm256_maskz_loadu_epi16(mask_of(valid), p);
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))};
+}
+inline Lanes load_lanes(const Half16* p, int64_t valid) {
+  const __m256i raw = valid >= kLanes ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                      : _mm256_maskz_loadu_epi16(mask_of(valid), p);
+  return {_mm512_cvtph_ps(raw)};
+}
+inline void store_lanes(float* p, Lanes a, int64_t valid) {
+  if (valid >= kLanes) _mm512_storeu_ps(p, a.v);
+  else _mm512_mask_storeu_ps(p, mask_of(valid), a.v);
+}
+inline Lanes fma_lanes(Lanes a, Lanes b, Lanes acc) { return {_mm512_fmadd_ps(a.v, b.v, acc.v)}; }
+inline Lanes fma_lanes(float a, Lanes b, Lanes acc) {
+  return {_mm512_fmadd_ps(_mm512_set1_ps(a), b.v, acc.v)};
+}
+inline Lanes add_lanes(Lanes a, Lanes b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline float sum_lanes(Lanes a) { return _mm512_reduce_add_ps(a.v); }
+#else
+struct Lanes {
+  float v[kLanes];
+};
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_float(Half16 v) { return static_cast<float>(v); }
+inline Lanes zero_lanes() { return Lanes{}; }
+template <typename W>
+inline Lanes load_lanes(const W* p, int64_t valid) {
+  Lanes out{};
+  for (int64_t l = 0; l < std::min(valid, kLanes); ++l) out.v[l] = to_float(p[l]);
+  return out;
+}
+inline void store_lanes(float* p, Lanes a, int64_t valid) {
+  for (int64_t l = 0; l < std::min(valid, kLanes); ++l) p[l] = a.v[l];
+}
+inline Lanes fma_lanes(Lanes a, Lanes b, Lanes acc) {
+  for (int64_t l = 0; l < kLanes; ++l) acc.v[l] += a.v[l] * b.v[l];
+  return acc;
+}
+inline Lanes fma_lanes(float a, Lanes b, Lanes acc) {
+  for (int64_t l = 0; l < kLanes; ++l) acc.v[l] += a * b.v[l];
+  return acc;
+}
+inline Lanes add_lanes(Lanes a, Lanes b) {
+  for (int64_t l = 0; l < kLanes; ++l) a.v[l] += b.v[l];
+  return a;
+}
+inline float sum_lanes(Lanes a) {
+  float sum = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) sum += a.v[l];
+  return sum;
+}
+#endif
+
+template <typename W>
+struct Layer {
+  const W *a0, *b0t, *au, *but;
+  int64_t R, u, m, n, cA, cB, sA, sB;
+  float scale;
 };
 
-// Adds one row's delta into out; scratch holds R + u floats.
-static void row_delta(const float* x, const float* a0, const float* b0t, const float* au,
-                      const float* but, float scale, float* out, const Dims& d, float* scratch) {
-  float* z = scratch;
-  float* su = scratch + d.R;
-  std::fill(z, z + d.R, 0.f);
-  for (int64_t i = 0; i < d.m && d.R > 0; ++i) {
-    const int64_t start = i * d.cA;
-    if (start >= d.h) break;
-    const int64_t len = std::min(d.cA, d.h - start);
-    // Each row of A0 is read once per chunk; its product lands on the rotated rank.
-    for (int64_t row = 0; row < d.R; ++row) {
-      z[((row - i * d.sA) % d.R + d.R) % d.R] += dot(x + start, a0 + row * d.cA, len);
-    }
-  }
-  for (int64_t q = 0; q < d.u; ++q) su[q] = scale * dot(au + q * d.h, x, d.h);
-  for (int64_t i = 0; i < d.n; ++i) {
-    const int64_t first = i * d.cB;
-    if (first >= d.o) break;
-    const int64_t len = std::min(d.cB, d.o - first);
-    for (int64_t c = 0; c < d.R; ++c) {
-      const float zc = scale * z[((c - i * d.sB) % d.R + d.R) % d.R];
-      axpy(zc, b0t + c * d.cB, out + first, len);
-    }
-  }
-  for (int64_t q = 0; q < d.u; ++q) axpy(su[q], but + q * d.o, out, d.o);
+template <typename W>
+Layer<W> layer_of(const int64_t* e, float scale) {
+  auto ptr = [](int64_t address) { return reinterpret_cast<const W*>(address); };
+  return {ptr(e[kA0]), ptr(e[kB0t]), ptr(e[kAu]), ptr(e[kBut]), e[kR], e[kU], e[kM], e[kN],
+          e[kCA], e[kCB], e[kSA], e[kSB], scale};
 }
 
-void gathered_apply(torch::Tensor y, torch::Tensor x, torch::Tensor rows, torch::Tensor index,
-                    torch::Tensor a0,
-                    torch::Tensor b0t, torch::Tensor au, torch::Tensor but, torch::Tensor scales,
-                    int64_t m, int64_t n, int64_t sA, int64_t sB) {
-  TORCH_CHECK(y.is_contiguous() && x.is_contiguous(), "x and y must be contiguous");
-  TORCH_CHECK(y.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat, "float32 only");
-  const int64_t G = index.size(0);
-  const int64_t* pidx = index.data_ptr<int64_t>();
-  const Dims d{x.size(1), y.size(1), a0.size(1), au.size(1), m, n, a0.size(2), b0t.size(2), sA, sB};
-  const bool all_rows = rows.numel() == 0;
-  const int64_t* prow = all_rows ? nullptr : rows.data_ptr<int64_t>();
-  const float *px = x.data_ptr<float>(), *pa0 = a0.data_ptr<float>(), *pb0 = b0t.data_ptr<float>();
-  const float *pau = au.data_ptr<float>(), *pbu = but.data_ptr<float>(), *ps = scales.data_ptr<float>();
-  float* py = y.data_ptr<float>();
-  // Rows are independent and distinct. A row costs a few microseconds, about what waking a
-  // second thread costs, so decode-sized groups stay on the calling thread.
-  at::parallel_for(0, G, kRowsPerThread, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(d.R + d.u + 1);
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t row = all_rows ? g : prow[g];
-      const int64_t a = pidx[g];
-      row_delta(px + row * d.h, pa0 + a * d.R * d.cA, pb0 + a * d.R * d.cB, pau + a * d.u * d.h,
-                pbu + a * d.u * d.o, ps[a], py + row * d.o, d, scratch.data());
+template <typename Fn>
+inline void dispatch_block(int64_t count, Fn&& fn) {
+  switch (count) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 5: fn(std::integral_constant<int, 5>{}); break;
+    case 6: fn(std::integral_constant<int, 6>{}); break;
+    case 7: fn(std::integral_constant<int, 7>{}); break;
+    default: fn(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// Rows are addressed by rotated index: row k of chunk i is base[((k + i*step) mod count) * stride].
+// The shift advances by addition (step <= count), never by integer division in the hot loop.
+inline int64_t wrap(int64_t value, int64_t modulus) { return value < modulus ? value : value - modulus; }
+
+template <typename W>
+struct RotatedRows {
+  const W* base;
+  int64_t stride, count, step;  // step: rotation added per chunk, 0 <= step <= count
+};
+
+// out[k] = sum_i dot(x[i*chunk : i*chunk + len_i], row k of chunk i) for kb <= k < kb + K,
+// kept in accumulator registers across all chunks (two per k, alternating lane blocks, so
+// short K still has independent FMA chains), one horizontal sum per k at the end.
+template <typename W, int K>
+inline void dot_block(const float* x, int64_t num_chunks, int64_t chunk, int64_t limit, int64_t kb,
+                      const RotatedRows<W>& src, float* out) {
+  Lanes even[K], odd[K];
+  for (int k = 0; k < K; ++k) even[k] = odd[k] = zero_lanes();
+  int64_t shift = 0;
+  for (int64_t i = 0; i < num_chunks && i * chunk < limit; ++i) {
+    const int64_t start = i * chunk, len = std::min(chunk, limit - start);
+    const W* rows[K];
+    for (int k = 0; k < K; ++k) rows[k] = src.base + wrap(kb + k + shift, src.count) * src.stride;
+    shift = wrap(shift + src.step, src.count);
+    const float* xs = x + start;
+    int64_t j = 0;
+    for (; j + 2 * kLanes <= len; j += 2 * kLanes) {
+      const Lanes x0 = load_lanes(xs + j, kLanes), x1 = load_lanes(xs + j + kLanes, kLanes);
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k) {
+        even[k] = fma_lanes(x0, load_lanes(rows[k] + j, kLanes), even[k]);
+        odd[k] = fma_lanes(x1, load_lanes(rows[k] + j + kLanes, kLanes), odd[k]);
+      }
+    }
+    for (; j < len; j += kLanes) {
+      const Lanes xv = load_lanes(xs + j, len - j);
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k) even[k] = fma_lanes(xv, load_lanes(rows[k] + j, len - j), even[k]);
+    }
+  }
+  for (int k = 0; k < K; ++k) out[kb + k] = sum_lanes(even[k]) + sum_lanes(odd[k]);
+}
+
+template <typename W>
+void multi_dot(const float* x, int64_t num_chunks, int64_t chunk, int64_t limit,
+               const RotatedRows<W>& src, float* out) {
+  for (int64_t kb = 0; kb < src.count; kb += kBlock) {
+    dispatch_block(std::min(kBlock, src.count - kb), [&](auto K) {
+      dot_block<W, K()>(x, num_chunks, chunk, limit, kb, src, out);
+    });
+  }
+}
+
+// out[j] += sum_k coef[k] * rows[k][j] for j < len, k < K: each output run read and written
+// once. Four lane blocks at a time give four independent FMA chains over k.
+template <typename W, int K>
+inline void axpy_block(float* out, int64_t len, const W* const* rows, const float* coef) {
+  constexpr int64_t kWide = 4 * kLanes;
+  int64_t j = 0;
+  for (; j + kWide <= len; j += kWide) {
+    Lanes v[4];
+    for (int b = 0; b < 4; ++b) v[b] = load_lanes(out + j + b * kLanes, kLanes);
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k)
+      for (int b = 0; b < 4; ++b)
+        v[b] = fma_lanes(coef[k], load_lanes(rows[k] + j + b * kLanes, kLanes), v[b]);
+    for (int b = 0; b < 4; ++b) store_lanes(out + j + b * kLanes, v[b], kLanes);
+  }
+  for (; j < len; j += kLanes) {
+    const int64_t valid = len - j;
+    Lanes v = load_lanes(out + j, valid), w = zero_lanes();
+#pragma GCC unroll 8
+    for (int k = 0; k + 1 < K; k += 2) {
+      v = fma_lanes(coef[k], load_lanes(rows[k] + j, valid), v);
+      w = fma_lanes(coef[k + 1], load_lanes(rows[k + 1] + j, valid), w);
+    }
+    if (K % 2) v = fma_lanes(coef[K - 1], load_lanes(rows[K - 1] + j, valid), v);
+    store_lanes(out + j, add_lanes(v, w), valid);
+  }
+}
+
+// out[j] += sum_k coef[k] * rows[k * stride + j] for j < len, k < count.
+template <typename W>
+void multi_axpy(float* out, int64_t len, int64_t count, const W* rows, int64_t stride, const float* coef) {
+  for (int64_t kb = 0; kb < count; kb += kBlock) {
+    const int64_t block = std::min(kBlock, count - kb);
+    const W* block_rows[kBlock];
+    for (int64_t k = 0; k < block; ++k) block_rows[k] = rows + (kb + k) * stride;
+    dispatch_block(block, [&](auto K) { axpy_block<W, K()>(out, len, block_rows, coef + kb); });
+  }
+}
+
+// Adds one row's delta into out (length o); scratch holds 2R + u floats.
+template <typename W>
+void row_delta(const float* x, int64_t h, float* out, int64_t o, const Layer<W>& L, float* scratch) {
+  float* z = scratch;
+  float* zrot = scratch + L.R;
+  float* su = scratch + 2 * L.R;
+  multi_dot<W>(x, L.m, L.cA, h, {L.a0, L.cA, L.R, L.R > 0 ? L.sA % L.R : 0}, z);
+  multi_dot<W>(x, 1, h, h, {L.au, h, L.u, 0}, su);
+  for (int64_t q = 0; q < L.u; ++q) su[q] *= L.scale;
+  int64_t shift = 0;  // (i * sB) mod R
+  for (int64_t i = 0; i < L.n && L.R > 0 && i * L.cB < o; ++i) {
+    for (int64_t c = 0; c < L.R; ++c) zrot[c] = L.scale * z[c >= shift ? c - shift : c - shift + L.R];
+    shift = wrap(shift + L.sB % L.R, L.R);
+    multi_axpy<W>(out + i * L.cB, std::min(L.cB, o - i * L.cB), L.R, L.b0t, L.cB, zrot);
+  }
+  multi_axpy<W>(out, o, L.u, L.but, o, su);
+}
+
+inline void prefetch_bytes(const void* start, int64_t bytes) {
+  const char* p = static_cast<const char*>(start);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 0, 3);
+}
+
+// Distinct adapters per row defeat the hardware prefetcher (each row jumps to other weights),
+// so while one row computes, the next row's weights are requested.
+template <typename W>
+void prefetch_layer(const Layer<W>& L, int64_t h, int64_t o) {
+  const int64_t size = sizeof(W);
+  prefetch_bytes(L.a0, L.R * L.cA * size);
+  prefetch_bytes(L.b0t, L.R * L.cB * size);
+  prefetch_bytes(L.au, L.u * h * size);
+  prefetch_bytes(L.but, L.u * o * size);
+}
+
+template <typename W>
+void apply_rows(float* y, const float* x, int64_t num_rows, int64_t h, int64_t o,
+                const int64_t* row_slots, const int64_t* table, int64_t num_slots,
+                const float* scales) {
+  // The table entry of row t, or nullptr where the row has no adapter for this module.
+  auto entry_of = [&](int64_t t) -> const int64_t* {
+    const int64_t slot = row_slots[t];
+    if (slot < 0 || slot >= num_slots) return nullptr;
+    const int64_t* entry = table + slot * kNumFields;
+    return entry[kPresent] != 0 ? entry : nullptr;
+  };
+  // A row costs about a microsecond, about what waking a second thread costs, so decode-sized
+  // batches stay on the calling thread; prefill chunks split across threads.
+  at::parallel_for(0, num_rows, kRowsPerThread, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    int64_t t = begin;
+    while (t < end && entry_of(t) == nullptr) ++t;
+    while (t < end) {
+      const int64_t* entry = entry_of(t);
+      int64_t next = t + 1;
+      while (next < end && entry_of(next) == nullptr) ++next;
+      if (next < end && row_slots[next] != row_slots[t])
+        prefetch_layer(layer_of<W>(entry_of(next), 0.f), h, o);
+      const Layer<W> layer = layer_of<W>(entry, scales[row_slots[t]]);
+      scratch.resize(2 * layer.R + layer.u + 1);
+      row_delta(x + t * h, h, y + t * o, o, layer, scratch.data());
+      t = next;
     }
   });
 }
 
+}  // namespace
+
+void gathered_apply(torch::Tensor y, torch::Tensor x, torch::Tensor row_slots, torch::Tensor table,
+                    torch::Tensor scales, int64_t weight_dtype) {
+  TORCH_CHECK(y.is_contiguous() && x.is_contiguous(), "x and y must be contiguous");
+  TORCH_CHECK(y.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat,
+              "x and y must be float32");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x (T, h), y (T, o)");
+  TORCH_CHECK(row_slots.numel() == x.size(0) && row_slots.scalar_type() == torch::kLong,
+              "row_slots must be (T,) int64");
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == kNumFields && table.is_contiguous() &&
+                  table.scalar_type() == torch::kLong, "table must be (S, ", kNumFields, ") int64");
+  TORCH_CHECK(scales.numel() == table.size(0) && scales.scalar_type() == torch::kFloat,
+              "scales must be (S,) float32");
+  const auto args = std::make_tuple(y.data_ptr<float>(), x.data_ptr<float>(), x.size(0), x.size(1),
+                                    y.size(1), row_slots.data_ptr<int64_t>(),
+                                    table.data_ptr<int64_t>(), table.size(0),
+                                    scales.data_ptr<float>());
+  switch (weight_dtype) {
+    case 0: std::apply(apply_rows<float>, args); break;
+    case 1: std::apply(apply_rows<c10::BFloat16>, args); break;
+    case 2: std::apply(apply_rows<Half16>, args); break;
+    default: TORCH_CHECK(false, "weight_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16)");
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("gathered_apply", &gathered_apply, "y[rows] += compact PRoLoRA delta, gathered group");
+  module.def("gathered_apply", &gathered_apply,
+             "y[t] += compact PRoLoRA delta of row t's adapter, read from a slot table");
+  module.attr("NUM_FIELDS") = static_cast<int64_t>(kNumFields);
 }

@@ -15,6 +15,28 @@ import torch
 from ..adapters.weights import CompactAdapter, CompactLinearWeights
 
 
+def kernel_layout(adapter: CompactAdapter, device: torch.device, dtype: torch.dtype) -> CompactAdapter:
+    """The resident layout: all of an adapter's tensors in one allocation, module after module,
+    each as A0 (R, cA), B0^T (R, cB), Au (u, h), Bu^T (u, o) row-major, so kernels read
+    contiguous runs of output features and a row's weights sit on few pages. Exactly the compact
+    bytes; B0 and Bu are views of their transposed storage with the usual shapes."""
+    def parts(w: CompactLinearWeights) -> tuple[torch.Tensor, ...]:
+        return (w.A0, w.B0.T, w.Au, w.Bu.T)
+
+    arena = torch.empty(adapter.num_params, dtype=dtype, device=device)
+    modules, offset = {}, 0
+    for path, w in adapter.modules.items():
+        views = []
+        for part in parts(w):
+            view = arena[offset:offset + part.numel()].view(part.shape)
+            view.copy_(part)
+            views.append(view)
+            offset += part.numel()
+        a0, b0t, au, but = views
+        modules[path] = CompactLinearWeights(w.spec, a0, b0t.T, au, but.T)
+    return CompactAdapter(adapter.config, modules)
+
+
 class AdapterWeightPool:
     def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.device = torch.device(device)
@@ -29,7 +51,7 @@ class AdapterWeightPool:
         """Copy an adapter's compact weights to the device into ``slot`` (which must be free)."""
         if slot < 0:
             raise ValueError(f"slot must be >= 0, got {slot}")
-        resident = adapter.to(self.device, self.dtype)
+        resident = kernel_layout(adapter, self.device, self.dtype)
         with self._lock:
             if slot in self._adapters:
                 raise ValueError(f"slot {slot} is already occupied")
