@@ -38,12 +38,17 @@ def _machine_tag() -> str:
     return hashlib.sha1(f"{platform.machine()} {cpu} {SOURCE.read_bytes()!r}".encode()).hexdigest()[:10]
 
 
-@lru_cache(maxsize=1)
-def load_extension() -> ModuleType:
+@lru_cache(maxsize=2)
+def load_extension(portable_lanes: bool = False) -> ModuleType:
+    """The compiled kernel; ``portable_lanes`` builds the plain-C++ lane code that machines
+    without AVX-512 get (tests check it against the reference on this machine too)."""
     from torch.utils.cpp_extension import load
 
-    module = load(name=f"prolora_cpu_gathered_{_machine_tag()}", sources=[str(SOURCE)],
-                  extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+    flags = ["-O3", "-march=native", "-fopenmp-simd"]
+    if portable_lanes:
+        flags.append("-DPROLORA_PORTABLE_LANES")
+    module = load(name=f"prolora_cpu_gathered_{_machine_tag()}{'_portable' if portable_lanes else ''}",
+                  sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
     if module.NUM_FIELDS != len(TABLE_FIELDS):
         raise RuntimeError(f"stale kernel build: {module.NUM_FIELDS} table fields, expected {len(TABLE_FIELDS)}")
     return module
@@ -90,8 +95,8 @@ def slot_table(pool: AdapterWeightPool, module_path: str) -> SlotTable | None:
 class CpuBackend:
     name = "cpu"
 
-    def __init__(self) -> None:
-        self.kernel = load_extension()  # compile (or load the cached build) once, at selection
+    def __init__(self, portable_lanes: bool = False) -> None:
+        self.kernel = load_extension(portable_lanes)  # compiled (or loaded) once, at selection
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, pool: AdapterWeightPool, module_path: str,
               batch: AdapterBatch) -> None:

@@ -12,7 +12,8 @@ import threading
 
 import torch
 
-from ..adapters.weights import CompactAdapter, CompactLinearWeights
+from ..adapters.errors import AdapterFormatError
+from ..adapters.weights import TENSOR_NAMES, CompactAdapter, CompactLinearWeights
 
 
 def kernel_layout(adapter: CompactAdapter, device: torch.device, dtype: torch.dtype) -> CompactAdapter:
@@ -59,6 +60,22 @@ class AdapterWeightPool:
             for path, weights in resident.modules.items():
                 self._modules.setdefault(path, {})[slot] = weights
             self._invalidate()
+
+    def check_representable(self, adapter: CompactAdapter) -> None:
+        """Raise AdapterFormatError if a weight overflows the pool dtype (float16 ends at 65504),
+        before the adapter is admitted, rather than serving infinities."""
+        limit = torch.finfo(self.dtype).max
+        named = [(f"{path}.{name}", t) for path, w in adapter.modules.items()
+                 for name, t in zip(TENSOR_NAMES, w.tensors())
+                 if t.numel() and torch.finfo(t.dtype).max > limit]
+        if not named:
+            return
+        peaks = torch._foreach_norm([t.float() for _, t in named], float("inf"))
+        for (name, _), peak in zip(named, peaks):
+            if float(peak) > limit:
+                raise AdapterFormatError(
+                    f"{name}: a weight of magnitude {float(peak):.3g} does not fit the adapter "
+                    f"dtype {self.dtype} (max {limit:.3g}); serve with --adapter-dtype fp32")
 
     def unload(self, slot: int) -> None:
         with self._lock:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import DTYPES, ServerConfig, default_data_dir, env_default, env_name, format_size, parse_size
+from .config import ADAPTER_DTYPES, DTYPES, ServerConfig, default_data_dir, env_default, env_name, format_size, parse_size
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 GRACEFUL_SHUTDOWN_S = 10
@@ -51,6 +51,9 @@ def add_serve_command(subparsers: Any) -> None:
     _option(serve, "--port", 8000, "port to bind", type=int)
     _option(serve, "--adapter-dir", str(default_data_dir() / "adapters"), "adapter registry directory")
     _option(serve, "--adapter-memory", "256MiB", "device memory for resident adapters", type=_size)
+    _option(serve, "--adapter-dtype", "auto",
+            "resident adapter weights (auto: fp16 next to an nf4/int8 base on the CPU, else the "
+            "model's compute dtype)", choices=ADAPTER_DTYPES)
     _option(serve, "--kv-cache-memory", "256MiB", "device memory for the KV cache", type=_size)
     _option(serve, "--max-batch", 32, "most sequences in one running batch", type=int)
     _option(serve, "--max-batched-tokens", 512, "most tokens in one engine step", type=int)
@@ -80,7 +83,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_queue=args.max_queue, max_upload_size=args.max_upload_size, api_key=args.api_key,
         admin_key=args.admin_key, register=[Path(p) for p in args.register],
         cache_dir=Path(args.cache_dir) if args.cache_dir else None, log_level=args.log_level,
-        threads=args.threads)
+        threads=args.threads, adapter_dtype=args.adapter_dtype)
 
 
 def serve_command(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 ENV_PREFIX = "PROLORA_SERVE_"
 DTYPES = ("nf4", "int8", "bf16", "fp32")
+ADAPTER_DTYPES = ("auto", "fp32", "fp16", "bf16")  # resident adapter weights
 MiB = 1 << 20
 
 _SIZE_UNITS = {
@@ -88,6 +89,7 @@ class ServerConfig:
     cache_dir: Path | None = None
     log_level: str = "info"
     threads: int | None = None  # torch intra-op threads; None = torch's default (all cores)
+    adapter_dtype: str = "auto"  # resident adapter weights: auto, fp32, fp16, bf16
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -97,6 +99,9 @@ class ServerConfig:
         for name in ("adapter_memory", "kv_cache_memory", "max_batch", "max_batched_tokens",
                      "max_model_len", "max_queue", "max_upload_size"):
             _positive(name, getattr(self, name))
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, "
+                             f"got {self.adapter_dtype!r}")
         if self.threads is not None:
             _positive("threads", self.threads)
         for name in ("api_key", "admin_key"):
@@ -116,5 +121,5 @@ class ServerConfig:
             model=self.model, dtype=self.dtype, device=self.device, max_batch=self.max_batch,
             max_batched_tokens=self.max_batched_tokens, kv_cache_bytes=self.kv_cache_memory,
             adapter_memory_bytes=self.adapter_memory, max_model_len=self.max_model_len,
-            max_queue=self.max_queue, cache_dir=self.cache_dir,
+            max_queue=self.max_queue, cache_dir=self.cache_dir, adapter_dtype=self.adapter_dtype,
         )

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from prolora_serve.server import cli
@@ -71,3 +72,25 @@ def test_dockerfiles_copy_what_the_package_needs() -> None:
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     dockerfiles = {s["build"]["dockerfile"] for s in compose["services"].values()}
     assert dockerfiles == {"docker/Dockerfile.cpu", "docker/Dockerfile.cuda"}
+
+
+@pytest.mark.parametrize("option, base, compute, expected", [
+    ("auto", "nf4", torch.float32, torch.float16),  # quantized base on the CPU: 16-bit adapters
+    ("auto", "int8", torch.float32, torch.float16),
+    ("auto", "fp32", torch.float32, torch.float32),
+    ("auto", "bf16", torch.bfloat16, torch.bfloat16),
+    ("auto", "nf4", torch.bfloat16, torch.bfloat16),  # a GPU computes nf4 in bf16
+    ("fp32", "nf4", torch.float32, torch.float32),
+    ("bf16", "fp32", torch.float32, torch.bfloat16),
+])
+def test_adapter_dtype_resolution(option: str, base: str, compute: torch.dtype,
+                                  expected: torch.dtype) -> None:
+    from prolora_serve.server.engine.engine import resolve_adapter_dtype
+
+    assert resolve_adapter_dtype(option, base, compute) == expected
+
+
+def test_adapter_dtype_is_validated_and_reaches_the_engine() -> None:
+    with pytest.raises(ValueError, match="adapter_dtype"):
+        ServerConfig(adapter_dtype="fp8")
+    assert ServerConfig(adapter_dtype="bf16").engine_config().adapter_dtype == "bf16"

@@ -117,7 +117,9 @@ class AdapterCache:
 
     def _read(self, adapter_id: str) -> CompactAdapter:
         try:
-            return self.source.load_adapter(adapter_id)
+            adapter = self.source.load_adapter(adapter_id)
+            self.pool.check_representable(adapter)
+            return adapter
         except UnknownAdapterError:
             raise
         except KeyError as err:  # the registry's own not-found error (adapters/ cannot import ours)
