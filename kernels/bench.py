@@ -49,11 +49,15 @@ class Result:
     median_us: float
 
 
-def build_pool(variant: tuple[int, int, int, int], module: str, h: int, o: int, count: int) -> AdapterWeightPool:
+POOL_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_pool(variant: tuple[int, int, int, int], module: str, h: int, o: int, count: int,
+               dtype: torch.dtype = torch.float32) -> AdapterWeightPool:
     r, u, m, n = variant
     config = ProLoRAConfig(r, u, m, n, 16.0, (module,))
     spec = config.layer_spec(module, h, o)
-    pool = AdapterWeightPool()
+    pool = AdapterWeightPool(dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     for slot in range(count):
         pool.load(slot, CompactAdapter(config, {module: CompactLinearWeights.random(spec, gen, std=0.02)}))
@@ -66,13 +70,14 @@ def time_once(fn) -> float:
     return (time.perf_counter() - start) * 1e6
 
 
-def bench_shape(model: str, module: str, h: int, o: int, batch: int, reps: int, backend_name: str) -> list[Result]:
+def bench_shape(model: str, module: str, h: int, o: int, batch: int, reps: int, backend_name: str,
+                pool_dtype: torch.dtype = torch.float32) -> list[Result]:
     backend = get_backend(backend_name)
     x = torch.randn(batch, h)
     step = build_adapter_batch(list(range(batch)))  # a distinct adapter per row
     runs = {}
     for name, variant in VARIANTS.items():
-        pool = build_pool(variant, module, h, o, batch)
+        pool = build_pool(variant, module, h, o, batch, pool_dtype)
         y = torch.zeros(batch, o)
         runs[name] = (pool, y)
         backend.apply(y, x, pool, module, step)  # warm-up; builds the cached plan
@@ -81,7 +86,7 @@ def bench_shape(model: str, module: str, h: int, o: int, batch: int, reps: int, 
         for name, (pool, y) in runs.items():
             samples[name].append(time_once(lambda: backend.apply(y, x, pool, module, step)))
     return [Result(model, module, h, o, batch, name,
-                   runs[name][0].nbytes // (4 * batch), statistics.median(samples[name]))
+                   runs[name][0].nbytes // (pool_dtype.itemsize * batch), statistics.median(samples[name]))
             for name in VARIANTS]
 
 
@@ -105,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--models", default=",".join(LAYER_SHAPES))
     parser.add_argument("--quick", action="store_true", help="batch sizes 1,32 and 10 reps")
+    parser.add_argument("--pool-dtype", default="fp32", choices=POOL_DTYPES,
+                        help="resident adapter weights (activations stay float32)")
     args = parser.parse_args(argv)
     batches = [1, 32] if args.quick else [int(b) for b in args.batch_sizes.split(",")]
     reps = 10 if args.quick else args.reps
@@ -113,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models.split(","):
         for module, (h, o) in LAYER_SHAPES[model].items():
             for batch in batches:
-                for res in bench_shape(model, module, h, o, batch, reps, args.backend):
+                for res in bench_shape(model, module, h, o, batch, reps, args.backend,
+                                       POOL_DTYPES[args.pool_dtype]):
                     print(json.dumps(asdict(res)))
                     results.append(res)
     print_table(results)

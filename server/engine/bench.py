@@ -3,13 +3,15 @@
 Scenarios, per weight dtype (nf4, fp32): base model only; N concurrent requests on N distinct
 PRoLoRA adapters (r=8, u=1, m=n=7 on all seven projections, random non-zero weights); the same
 N requests on one shared adapter. Peer: Hugging Face PEFT ``generate(adapter_names=...)`` with N
-dense LoRA adapters (r=8, same projections) in one mixed batch on the fp32 HF model. Memory:
+dense LoRA adapters (r=8, same projections) in one mixed batch on the HF model, fp32 and
+(QLoRA-style) bitsandbytes nf4 for the dtypes benchmarked. Memory:
 RSS of a fresh process serving from an on-disk registry holding 1, 100 and 1000 adapters.
 
     python -m prolora_serve.server.engine.bench [--quick] [--requests N] [--tokens T]
 
 Prints one JSON document, then a table. Timings on a shared machine are noisy: scenarios run
-interleaved in rounds and the best run of each counts; compare rows of one run only. On a
+interleaved in rounds; the table shows each scenario's median run, and each ratio is computed
+within a round (side by side) and then its median taken over rounds. On a
 machine shared with other busy processes, run with ``OMP_WAIT_POLICY=PASSIVE`` (spinning
 OpenMP threads of an oversubscribed CPU slow every matmul by an order of magnitude).
 """
@@ -20,6 +22,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +37,7 @@ from ...adapters.config import ProLoRAConfig
 from ...adapters.format import save_adapter
 from ...adapters.registry import AdapterRegistry
 from ...adapters.weights import CompactAdapter
+from ..config import ADAPTER_DTYPES
 from .engine import EngineConfig, LLMEngine
 from .loader import LoadedModel, load_base_model
 from .sampling import SamplingParams
@@ -44,6 +48,7 @@ QUESTIONS = ("What is the capital of France?", "Explain photosynthesis in simple
              "Give me three tips for learning to cook.", "Why is the sky blue?",
              "Describe a cat to someone who has never seen one.", "What is a prime number?")
 MIB = 1 << 20
+PEFT_DTYPES = ("fp32", "nf4")  # weight formats the HF/PEFT peer runs in (bitsandbytes for nf4)
 ADAPTER_STD = 0.02  # random but mild: the outputs stay text-like
 
 
@@ -54,9 +59,10 @@ class BenchConfig:
     tokens: int = 64
     rss_counts: tuple[int, ...] = (1, 100, 1000)
     peft: bool = True
-    rounds: int = 2  # each scenario runs this often, interleaved; the best run counts
+    rounds: int = 3  # each scenario runs this often, interleaved; medians count
     kv_cache_bytes: int = 128 * MIB
     adapter_memory_bytes: int = 256 * MIB
+    adapter_dtype: str = "auto"  # resident adapter weights (EngineConfig.adapter_dtype)
 
     def __post_init__(self) -> None:
         if self.requests < 1 or self.tokens < 1 or self.rounds < 1:
@@ -126,7 +132,8 @@ def engine_scenario(name: str, loaded: LoadedModel, registry: AdapterRegistry, c
     engine = LLMEngine(EngineConfig(dtype=loaded.dtype, max_batch=max(cfg.requests, 1),
                                     max_batched_tokens=max(512, cfg.requests),
                                     kv_cache_bytes=cfg.kv_cache_bytes,
-                                    adapter_memory_bytes=cfg.adapter_memory_bytes), loaded, registry)
+                                    adapter_memory_bytes=cfg.adapter_memory_bytes,
+                                    adapter_dtype=cfg.adapter_dtype), loaded, registry)
     warm = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     for i, adapter_id in enumerate(dict.fromkeys(adapter_ids)):  # reads adapters, warms kernels
         engine.add_request(f"warm{i}", texts[i], warm, adapter_id)
@@ -147,7 +154,8 @@ def engine_scenario(name: str, loaded: LoadedModel, registry: AdapterRegistry, c
                        1000 * (seconds - forward) / max(steps, 1),
                        {"resident_adapters": cache.num_resident if cache else 0,
                         "adapter_bytes": cache.used_bytes if cache else 0,
-                        "preemptions": after.num_preemptions - before.num_preemptions})
+                        "preemptions": after.num_preemptions - before.num_preemptions,
+                        "adapter_dtype": str(engine.runner.pool.dtype).removeprefix("torch.")})
 
 
 def scenario_plans(n: int) -> dict[str, list[str | None]]:
@@ -157,24 +165,38 @@ def scenario_plans(n: int) -> dict[str, list[str | None]]:
 
 
 # --- the PEFT peer ------------------------------------------------------------------------------
+def hf_base_model(directory: Path, dtype: str) -> Any:
+    """The HF model in fp32, or (``nf4``) with bitsandbytes NF4 linears as QLoRA loads it."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    if dtype == "fp32":
+        return LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_compute_dtype=torch.float32)
+    return LlamaForCausalLM.from_pretrained(directory, quantization_config=quant, device_map="cpu",
+                                            dtype=torch.float32).eval()
+
+
 @dataclass
 class PeftPeer:
-    """HF ``LlamaForCausalLM`` (fp32) + PEFT with N dense LoRA adapters, one mixed batch."""
+    """HF ``LlamaForCausalLM`` (fp32 or bitsandbytes nf4) + PEFT with N dense LoRA adapters,
+    one mixed batch."""
 
+    dtype: str
     model: Any
     batch: dict[str, torch.Tensor]
     generate_kwargs: dict[str, Any]
 
     @classmethod
-    def build(cls, cfg: BenchConfig) -> "PeftPeer":
+    def build(cls, cfg: BenchConfig, dtype: str) -> "PeftPeer":
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoTokenizer, LlamaForCausalLM
+        from transformers import AutoTokenizer
 
         from .default_model import default_model_hf_dir
 
         directory = default_model_hf_dir()
         tokenizer = AutoTokenizer.from_pretrained(directory, padding_side="left")
-        hf = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        hf = hf_base_model(directory, dtype)
         lora = LoraConfig(r=8, lora_alpha=16, target_modules=list(ALL_PROJECTIONS),
                           init_lora_weights=False)  # random, non-zero B
         model = get_peft_model(hf, lora, adapter_name="ad0")
@@ -184,7 +206,7 @@ class PeftPeer:
         batch = tokenizer(prompts(tokenizer, cfg.requests), return_tensors="pt", padding=True)
         kwargs = dict(do_sample=False, pad_token_id=pad,
                       adapter_names=[f"ad{i}" for i in range(cfg.requests)])
-        return cls(model.eval(), dict(batch), kwargs)
+        return cls(dtype, model.eval(), dict(batch), kwargs)
 
     def measure(self, cfg: BenchConfig) -> Measurement:
         with torch.inference_mode():
@@ -194,25 +216,36 @@ class PeftPeer:
                                       min_new_tokens=cfg.tokens, **self.generate_kwargs)
             seconds = time.perf_counter() - started
         generated = (out.shape[1] - self.batch["input_ids"].shape[1]) * cfg.requests
-        return Measurement(f"{cfg.requests} distinct LoRA adapters", "HF PEFT generate", "fp32",
+        return Measurement(f"{cfg.requests} distinct LoRA adapters", "HF PEFT generate", self.dtype,
                            cfg.requests, generated, seconds, generated / seconds)
 
 
-def best_of_rounds(cfg: BenchConfig, registry: AdapterRegistry) -> list[Measurement]:
-    """Every scenario ``cfg.rounds`` times, interleaved so that load from other processes hits
-    all of them alike; the fastest run of each is kept."""
+def run_rounds(cfg: BenchConfig, registry: AdapterRegistry) -> list[list[Measurement]]:
+    """Every scenario once per round, rounds back to back, so that load from other processes
+    hits all scenarios alike and each round's ratios compare runs minutes apart at most."""
     models = {dtype: load_base_model(None, dtype) for dtype in cfg.dtypes}
-    peer = PeftPeer.build(cfg) if cfg.peft else None
-    best: dict[tuple[str, str, str], Measurement] = {}
+    peers = [PeftPeer.build(cfg, dtype) for dtype in cfg.dtypes if dtype in PEFT_DTYPES] if cfg.peft else []
+    rounds = []
     for _ in range(cfg.rounds):
         runs = [engine_scenario(name, loaded, registry, cfg, ids, prompts(loaded.tokenizer, cfg.requests))
                 for loaded in models.values() for name, ids in scenario_plans(cfg.requests).items()]
-        runs += [peer.measure(cfg)] if peer is not None else []
+        rounds.append(runs + [peer.measure(cfg) for peer in peers])
+    return rounds
+
+
+def median_run(rounds: list[list[Measurement]]) -> list[Measurement]:
+    """Per scenario, the run with the median tokens/s (the lower middle one for even counts)."""
+    by_key: dict[tuple[str, str, str], list[Measurement]] = {}
+    for runs in rounds:
         for m in runs:
-            key = (m.engine, m.dtype, m.scenario)
-            if key not in best or m.tokens_per_s > best[key].tokens_per_s:
-                best[key] = m
-    return list(best.values())
+            by_key.setdefault((m.engine, m.dtype, m.scenario), []).append(m)
+    return [sorted(ms, key=lambda m: m.tokens_per_s)[(len(ms) - 1) // 2] for ms in by_key.values()]
+
+
+def median_ratios(rounds: list[list[Measurement]]) -> dict[str, float]:
+    """Each ratio computed within a round (runs side by side), then the median over rounds."""
+    per_round = [ratios(runs) for runs in rounds]
+    return {name: statistics.median(r[name] for r in per_round) for name in per_round[0]}
 
 
 # --- memory: a fresh process per registry size ------------------------------------------------------
@@ -263,28 +296,37 @@ def rss_scenarios(cfg: BenchConfig, dtype: str) -> list[dict[str, Any]]:
 
 # --- report ---------------------------------------------------------------------------------------
 def ratios(measurements: list[Measurement]) -> dict[str, float]:
-    by_key = {(m.dtype, m.scenario, m.engine): m.tokens_per_s for m in measurements}
+    """Distinct adapters against base only (same dtype), against PEFT on the same weight format,
+    and against the fastest PEFT run of any format."""
+    speed = {(m.engine, m.dtype, m.scenario): m.tokens_per_s for m in measurements}
+    peft = {m.dtype: m.tokens_per_s for m in measurements if m.engine != "prolora-serve"}
     out = {}
     for m in measurements:
-        if m.engine == "prolora-serve" and "distinct" in m.scenario:
-            base = by_key.get((m.dtype, "base only", "prolora-serve"))
-            if base:
-                out[f"{m.dtype}: distinct adapters / base only"] = m.tokens_per_s / base
-            peft = next((p for p in measurements if p.engine != "prolora-serve"), None)
-            if peft:
-                out[f"{m.dtype}: distinct adapters / PEFT (fp32)"] = m.tokens_per_s / peft.tokens_per_s
+        if m.engine != "prolora-serve" or "distinct" not in m.scenario:
+            continue
+        base = speed.get(("prolora-serve", m.dtype, "base only"))
+        if base:
+            out[f"{m.dtype}: distinct adapters / base only"] = m.tokens_per_s / base
+        if m.dtype in peft:
+            out[f"{m.dtype}: distinct adapters / PEFT ({m.dtype})"] = m.tokens_per_s / peft[m.dtype]
+        if peft:
+            fastest = max(peft, key=peft.get)
+            out[f"{m.dtype}: distinct adapters / fastest PEFT ({fastest})"] = m.tokens_per_s / peft[fastest]
     return out
 
 
-def table(measurements: list[Measurement], memory: list[dict[str, Any]], summary: dict[str, float]) -> str:
-    lines = [f"{'engine':<16} {'dtype':<5} {'scenario':<32} {'tok/s':>8} {'tokens':>7} {'s':>7} "
-             f"{'fwd%':>5} {'ovh ms/step':>11}"]
+def table(measurements: list[Measurement], memory: list[dict[str, Any]], summary: dict[str, float],
+          per_round: list[dict[str, float]] | None = None) -> str:
+    lines = [f"{'engine':<16} {'dtype':<5} {'adapters':<8} {'scenario':<32} {'tok/s':>8} {'tokens':>7} "
+             f"{'s':>7} {'fwd%':>5} {'ovh ms/step':>11}"]
     for m in measurements:
-        lines.append(f"{m.engine:<16} {m.dtype:<5} {m.scenario:<32} {m.tokens_per_s:8.1f} "
+        adapters = m.notes.get("adapter_dtype", "fp32")  # PEFT keeps LoRA weights in fp32
+        lines.append(f"{m.engine:<16} {m.dtype:<5} {adapters:<8} {m.scenario:<32} {m.tokens_per_s:8.1f} "
                      f"{m.generated_tokens:7d} {m.seconds:7.2f} {100 * m.forward_share:5.1f} "
                      f"{m.overhead_ms_per_step:11.2f}")
     for name, value in summary.items():
-        lines.append(f"{name:<60} {value:6.2f}x")
+        rounds = ", ".join(f"{r[name]:.2f}" for r in per_round or [])
+        lines.append(f"{name:<60} {value:6.2f}x" + (f"  (per round: {rounds})" if rounds else ""))
     for r in memory:
         lines.append(f"registered {r['registered']:>5}: RSS {r['rss_bytes'] / MIB:8.1f} MiB "
                      f"(peak {r['peak_rss_bytes'] / MIB:.1f}), resident {r['resident_adapters']} "
@@ -299,13 +341,16 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         shapes = load_base_model(None, "fp32").model.linear_shapes()
         registry = AdapterRegistry(Path(root), shapes)
         register_adapters(registry, 0, cfg.requests)
-        measurements = best_of_rounds(cfg, registry)
+        rounds = run_rounds(cfg, registry)
     memory = rss_scenarios(cfg, cfg.dtypes[0]) if cfg.rss_counts else []
-    summary = ratios(measurements)
+    measurements, summary = median_run(rounds), median_ratios(rounds)
     return {"config": asdict(cfg), "torch_threads": torch.get_num_threads(),
             "load_average_before_after": [load_before, os.getloadavg()],
             "measurements": [asdict(m) for m in measurements], "ratios": summary,
-            "memory": memory, "table": table(measurements, memory, summary)}
+            "rounds": [[asdict(m) for m in runs] for runs in rounds],
+            "ratios_per_round": [ratios(runs) for runs in rounds],
+            "memory": memory,
+            "table": table(measurements, memory, summary, [ratios(runs) for runs in rounds])}
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, BenchConfig]:
@@ -314,8 +359,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, BenchConfig]
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64, help="generated tokens per request")
     parser.add_argument("--rss-counts", type=int, nargs="*", default=[1, 100, 1000])
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved repeats; best counts")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats; medians count")
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--adapter-dtype", default="auto", choices=ADAPTER_DTYPES,
+                        help="resident adapter weights (default: the engine's auto)")
     parser.add_argument("--quick", action="store_true",
                         help="16 tokens, 1 round, registries of 1 and 100 adapters")
     parser.add_argument("--json", type=Path, help="also write the JSON document here")
@@ -325,7 +372,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, BenchConfig]
         args.tokens, args.rounds = min(args.tokens, 16), 1
         args.rss_counts = [c for c in args.rss_counts if c <= 100]
     cfg = BenchConfig(tuple(args.dtypes), args.requests, args.tokens, tuple(args.rss_counts),
-                      not args.skip_peft, args.rounds)
+                      not args.skip_peft, args.rounds, adapter_dtype=args.adapter_dtype)
     return args, cfg
 
 
