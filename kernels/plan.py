@@ -23,7 +23,6 @@ from .metadata import AdapterBatch
 from .pool import AdapterWeightPool
 
 SEGMENT_MIN_ROWS = 8  # torch/triton: below this, a gathered row beats a per-adapter matmul
-NEVER_SEGMENT = 1 << 62  # segment_min_rows of a backend whose gathered path serves every row
 PLAN_CACHE_SIGNATURES = 4  # distinct step layouts whose plans are kept (prefill/decode alternate)
 STACK_CACHE_ENTRIES = 4096  # (module, adapter set) weight stacks kept across changing layouts
 

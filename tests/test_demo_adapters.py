@@ -46,13 +46,14 @@ def engine_model(default_model_dir):
 
 
 @torch.inference_mode()
-def engine_prefill_logits(model, prompts: list[list[int]], slots: list[int], adapter) -> list[torch.Tensor]:
+def engine_prefill_logits(model, prompts: list[list[int]], slots: list[int], adapter,
+                          pool_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """One mixed prefill step of several prompts, each row using its slot (or none)."""
     from prolora_serve.kernels import AdapterContext, AdapterWeightPool, build_adapter_batch, get_backend
     from prolora_serve.server.engine.kv_cache import SeqSlice, build_attention_metadata
     from prolora_serve.server.engine.model import install_adapter_layers
 
-    pool = AdapterWeightPool(torch.device("cpu"), torch.float32)
+    pool = AdapterWeightPool(torch.device("cpu"), pool_dtype)
     pool.load(0, adapter)
     ctx = AdapterContext(pool, get_backend("auto"))
     install_adapter_layers(model, ctx)
@@ -92,3 +93,19 @@ def test_engine_serves_the_trained_adapter_like_the_training_model(training_base
     torch.testing.assert_close(served[1], base_logits, atol=2e-3, rtol=1e-3)
     plain = hf(torch.tensor([prompts[0]])).logits[0]
     assert (adapted_logits - plain).abs().max() > 0.5  # the adapter really changes the output
+
+
+@torch.inference_mode()
+def test_float16_residency_of_a_float16_adapter_changes_no_logit(training_base, engine_model):
+    """The demo adapters are stored in fp16, so resident fp16 weights (the default next to an
+    nf4 base) widen to exactly the fp32 values: the logits are bit-identical."""
+    task = DEMO_TASKS["pirate"]
+    adapter = load_adapter(task.adapter_path(), linear_shapes=engine_model.linear_shapes())
+    assert {t.dtype for w in adapter.modules.values() for t in w.tensors()} == {torch.float16}
+    tokenizer = training_base.tokenizer
+    prompts = [tokenizer(render_chat(tokenizer, c, add_generation_prompt=True),
+                         add_special_tokens=False).input_ids for c in task.heldout_conversations()[:2]]
+    wide = engine_prefill_logits(engine_model, prompts, [0, 0], adapter, torch.float32)
+    narrow = engine_prefill_logits(engine_model, prompts, [0, 0], adapter, torch.float16)
+    for a, b in zip(wide, narrow):
+        assert torch.equal(a, b)

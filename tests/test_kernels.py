@@ -14,7 +14,7 @@ from prolora_serve.adapters.dense import apply_dense
 from prolora_serve.adapters.weights import CompactAdapter, CompactLinearWeights
 from prolora_serve.kernels import (NO_ADAPTER, AdapterContext, AdapterWeightPool, build_adapter_batch,
                                    get_backend)
-from prolora_serve.kernels.plan import NEVER_SEGMENT, SEGMENT_MIN_ROWS, build_module_plan, rotation_tables
+from prolora_serve.kernels.plan import SEGMENT_MIN_ROWS, build_module_plan, rotation_tables
 from prolora_serve.kernels.testing import assert_close_for_dtype
 
 MODULES = {"model.layers.0.self_attn.q_proj": (24, 36), "model.layers.0.mlp.down_proj": (13, 7)}
@@ -126,7 +126,7 @@ def test_gathered_group_stacks_each_adapter_once() -> None:
     pool.load(3, make_adapter(8, 2, 4, 6, alpha=4.0, seed=1))  # same shape class as slot 0
     slots = [0, 3, 0, 3, 3, NO_ADAPTER, 0]
     plan = build_module_plan(pool.module("model.layers.0.self_attn.q_proj"), build_adapter_batch(slots),
-                             segment_min_rows=NEVER_SEGMENT)
+                             segment_min_rows=len(slots) + 1)  # no segments: every row gathered
     (group,) = plan.groups
     assert group.A0.shape[0] == 2 and group.scales.shape == (2, 1)
     assert group.rows.tolist() == [0, 1, 2, 3, 4, 6]

@@ -311,7 +311,7 @@ def ratios(measurements: list[Measurement]) -> dict[str, float]:
             out[f"{m.dtype}: distinct adapters / PEFT ({m.dtype})"] = m.tokens_per_s / peft[m.dtype]
         if peft:
             fastest = max(peft, key=peft.get)
-            out[f"{m.dtype}: distinct adapters / fastest PEFT ({fastest})"] = m.tokens_per_s / peft[fastest]
+            out[f"{m.dtype}: distinct adapters / fastest PEFT run"] = m.tokens_per_s / peft[fastest]
     return out
 
 

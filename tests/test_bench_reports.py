@@ -1,0 +1,52 @@
+"""The engine benchmark's bookkeeping: which runs are reported and how ratios are formed."""
+
+from __future__ import annotations
+
+import pytest
+
+from prolora_serve.server.engine.bench import (BenchConfig, Measurement, median_ratios, median_run,
+                                               ratios)
+
+ENGINE, PEFT = "prolora-serve", "HF PEFT generate"
+BASE, DISTINCT = "base only", "32 distinct PRoLoRA adapters"
+
+
+def run(engine: str, dtype: str, scenario: str, tokens_per_s: float) -> Measurement:
+    return Measurement(scenario, engine, dtype, 32, 2048, 2048 / tokens_per_s, tokens_per_s)
+
+
+def round_of(base: float, distinct: float, peft_nf4: float, peft_fp32: float) -> list[Measurement]:
+    return [run(ENGINE, "nf4", BASE, base), run(ENGINE, "nf4", DISTINCT, distinct),
+            run(PEFT, "nf4", "32 distinct LoRA adapters", peft_nf4),
+            run(PEFT, "fp32", "32 distinct LoRA adapters", peft_fp32)]
+
+
+def test_ratios_compare_like_with_like_and_the_fastest_peer() -> None:
+    got = ratios(round_of(base=200.0, distinct=180.0, peft_nf4=40.0, peft_fp32=50.0))
+    assert got == {
+        "nf4: distinct adapters / base only": pytest.approx(0.9),
+        "nf4: distinct adapters / PEFT (nf4)": pytest.approx(4.5),
+        "nf4: distinct adapters / fastest PEFT run": pytest.approx(3.6),  # fp32 here
+    }
+
+
+def test_ratios_are_formed_within_a_round_then_the_median_is_taken() -> None:
+    rounds = [round_of(200.0, 180.0, 40.0, 50.0),   # 0.90
+              round_of(100.0, 95.0, 40.0, 50.0),    # 0.95: a slow round, still side by side
+              round_of(210.0, 168.0, 40.0, 50.0)]   # 0.80
+    assert median_ratios(rounds)["nf4: distinct adapters / base only"] == pytest.approx(0.90)
+
+
+def test_median_run_picks_an_actual_middle_run_per_scenario() -> None:
+    rounds = [round_of(200.0, 180.0, 40.0, 50.0), round_of(100.0, 95.0, 41.0, 52.0),
+              round_of(210.0, 168.0, 39.0, 51.0), round_of(150.0, 150.0, 38.0, 49.0)]
+    chosen = {(m.engine, m.dtype, m.scenario): m.tokens_per_s for m in median_run(rounds)}
+    assert chosen[(ENGINE, "nf4", BASE)] == 150.0  # lower middle of 100, 150, 200, 210
+    assert chosen[(ENGINE, "nf4", DISTINCT)] == 150.0  # of 95, 150, 168, 180
+    assert chosen[(PEFT, "fp32", "32 distinct LoRA adapters")] == 50.0
+
+
+@pytest.mark.parametrize("options", [dict(requests=0), dict(rounds=0), dict(rss_counts=(100, 1))])
+def test_bench_config_rejects_nonsense(options: dict) -> None:
+    with pytest.raises(ValueError):
+        BenchConfig(**options)
