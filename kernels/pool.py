@@ -1,9 +1,10 @@
 """Device-resident compact weights of the resident adapters, indexed by slot and module.
 
-Each adapter keeps its own exact-size tensors (A0/B0/Au/Bu), so resident bytes equal the
-compact parameter bytes: nothing is padded to a common rank and nothing is materialized.
-The kernels gather from here per step (``plans``), and the gathered stacks are reused while
-the step's row-to-slot assignment stays the same (steady decode).
+Each adapter keeps its own exact-size tensors (A0/B0/Au/Bu) in one allocation, so resident
+bytes equal the compact parameter bytes: nothing is padded to a common rank and nothing is
+materialized. The CPU kernel reads these tensors in place through per-module slot tables; the
+torch and Triton backends stack them per step layout (``plan.py``). Both caches live in
+``plan_cache`` and are dropped on every load/unload.
 """
 
 from __future__ import annotations
