@@ -9,6 +9,8 @@ import torch
 from .config import LayerSpec, ProLoRAConfig
 
 TENSOR_NAMES = ("prolora_A0", "prolora_B0", "prolora_Au", "prolora_Bu")
+# Option names (--adapter-dtype, --save-dtype, --pool-dtype) -> the dtype adapter weights take.
+ADAPTER_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..adapters.config import ProLoRAConfig
-from ..adapters.weights import CompactAdapter, CompactLinearWeights
+from ..adapters.weights import ADAPTER_TORCH_DTYPES, CompactAdapter, CompactLinearWeights
 from .interface import get_backend
 from .metadata import build_adapter_batch
 from .pool import AdapterWeightPool
@@ -47,9 +47,6 @@ class Result:
     variant: str
     params_per_adapter: int
     median_us: float
-
-
-POOL_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_pool(variant: tuple[int, int, int, int], module: str, h: int, o: int, count: int,
@@ -110,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--models", default=",".join(LAYER_SHAPES))
     parser.add_argument("--quick", action="store_true", help="batch sizes 1,32 and 10 reps")
-    parser.add_argument("--pool-dtype", default="fp32", choices=POOL_DTYPES,
+    parser.add_argument("--pool-dtype", default="fp32", choices=ADAPTER_TORCH_DTYPES,
                         help="resident adapter weights (activations stay float32)")
     args = parser.parse_args(argv)
     batches = [1, 32] if args.quick else [int(b) for b in args.batch_sizes.split(",")]
@@ -121,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         for module, (h, o) in LAYER_SHAPES[model].items():
             for batch in batches:
                 for res in bench_shape(model, module, h, o, batch, reps, args.backend,
-                                       POOL_DTYPES[args.pool_dtype]):
+                                       ADAPTER_TORCH_DTYPES[args.pool_dtype]):
                     print(json.dumps(asdict(res)))
                     results.append(res)
     print_table(results)

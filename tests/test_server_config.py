@@ -94,3 +94,10 @@ def test_adapter_dtype_is_validated_and_reaches_the_engine() -> None:
     with pytest.raises(ValueError, match="adapter_dtype"):
         ServerConfig(adapter_dtype="fp8")
     assert ServerConfig(adapter_dtype="bf16").engine_config().adapter_dtype == "bf16"
+
+
+def test_adapter_dtype_choices_match_the_engine_dtypes() -> None:
+    from prolora_serve.adapters.weights import ADAPTER_TORCH_DTYPES
+    from prolora_serve.server.config import ADAPTER_DTYPES
+
+    assert ADAPTER_DTYPES == ("auto", *ADAPTER_TORCH_DTYPES)  # config.py stays torch-free

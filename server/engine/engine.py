@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence as Seq
 
 import torch
 
+from ...adapters.weights import ADAPTER_TORCH_DTYPES
 from ..config import ADAPTER_DTYPES, DTYPES
 from .detokenizer import IncrementalDetokenizer, StopStringText, TokenTextCache
 from .errors import PromptTooLongError, QueueFullError, UnknownAdapterError
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MIB = 1 << 20
-_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_adapter_dtype(adapter_dtype: str, base_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
@@ -42,7 +42,7 @@ def resolve_adapter_dtype(adapter_dtype: str, base_dtype: str, compute_dtype: to
     and half the bytes means twice the adapters per budget and half the memory traffic of a
     mixed-adapter step. Otherwise the model's compute dtype."""
     if adapter_dtype != "auto":
-        return _TORCH_DTYPES[adapter_dtype]
+        return ADAPTER_TORCH_DTYPES[adapter_dtype]
     if base_dtype in ("nf4", "int8") and compute_dtype == torch.float32:
         return torch.float16
     return compute_dtype

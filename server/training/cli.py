@@ -10,7 +10,8 @@ from typing import Sequence
 
 import torch
 
-from .trainer import LLAMA_LINEARS, METHODS, SAVE_DTYPES, TrainConfig, train_adapter
+from ...adapters.weights import ADAPTER_TORCH_DTYPES
+from .trainer import LLAMA_LINEARS, METHODS, TrainConfig, train_adapter
 from .base import BASE_DTYPES
 
 
@@ -41,7 +42,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-grad-norm", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-data", type=Path, default=None, help="held-out JSONL for a final loss")
-    parser.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default="fp32")
+    parser.add_argument("--save-dtype", choices=tuple(ADAPTER_TORCH_DTYPES), default="fp32")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (1 is fastest on a busy shared CPU)")

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prolora_serve.adapters.config import PEFT_TYPE_LORA, PEFT_TYPE_PROLORA, ProLoRAConfig
-from prolora_serve.adapters.weights import CompactAdapter
+from prolora_serve.adapters.weights import ADAPTER_TORCH_DTYPES, CompactAdapter
 
 from .base import BASE_DTYPES, TrainingBase, load_training_base, pad_token_id
 from .data import IGNORE_INDEX, TokenizedExample, batch_stream, fixed_batches, read_jsonl, tokenize_dataset
@@ -26,7 +26,6 @@ from .inject import extract_adapter, inject_prolora, prolora_layers
 
 METHODS = ("prolora", "lora")
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -64,7 +63,7 @@ class TrainConfig:
         self.target_modules = tuple(self.target_modules)
         _check(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
         _check(self.base_dtype in BASE_DTYPES, f"base_dtype must be one of {BASE_DTYPES}")
-        _check(self.save_dtype in SAVE_DTYPES, f"save_dtype must be one of {tuple(SAVE_DTYPES)}")
+        _check(self.save_dtype in ADAPTER_TORCH_DTYPES, f"save_dtype must be one of {tuple(ADAPTER_TORCH_DTYPES)}")
         for name in ("steps", "batch_size", "grad_accum", "max_length"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "lr_shared", "lr_unshared"):
@@ -232,5 +231,5 @@ def _save(adapter: CompactAdapter, config: TrainConfig) -> Path:
     single_file = config.output.suffix == ".safetensors"
     if single_file:
         config.output.parent.mkdir(parents=True, exist_ok=True)
-    save_adapter(adapter.to(dtype=SAVE_DTYPES[config.save_dtype]), config.output, single_file=single_file)
+    save_adapter(adapter.to(dtype=ADAPTER_TORCH_DTYPES[config.save_dtype]), config.output, single_file=single_file)
     return config.output
