@@ -249,22 +249,6 @@ void row_delta(const float* x, int64_t h, float* out, int64_t o, const Layer<W>&
   multi_axpy<W>(out, o, L.u, L.but, o, su);
 }
 
-inline void prefetch_bytes(const void* start, int64_t bytes) {
-  const char* p = static_cast<const char*>(start);
-  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 0, 3);
-}
-
-// Distinct adapters per row defeat the hardware prefetcher (each row jumps to other weights),
-// so while one row computes, the next row's weights are requested.
-template <typename W>
-void prefetch_layer(const Layer<W>& L, int64_t h, int64_t o) {
-  const int64_t size = sizeof(W);
-  prefetch_bytes(L.a0, L.R * L.cA * size);
-  prefetch_bytes(L.b0t, L.R * L.cB * size);
-  prefetch_bytes(L.au, L.u * h * size);
-  prefetch_bytes(L.but, L.u * o * size);
-}
-
 template <typename W>
 void apply_rows(float* y, const float* x, int64_t num_rows, int64_t h, int64_t o,
                 const int64_t* row_slots, const int64_t* table, int64_t num_slots,
@@ -280,18 +264,12 @@ void apply_rows(float* y, const float* x, int64_t num_rows, int64_t h, int64_t o
   // batches stay on the calling thread; prefill chunks split across threads.
   at::parallel_for(0, num_rows, kRowsPerThread, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
-    int64_t t = begin;
-    while (t < end && entry_of(t) == nullptr) ++t;
-    while (t < end) {
+    for (int64_t t = begin; t < end; ++t) {
       const int64_t* entry = entry_of(t);
-      int64_t next = t + 1;
-      while (next < end && entry_of(next) == nullptr) ++next;
-      if (next < end && row_slots[next] != row_slots[t])
-        prefetch_layer(layer_of<W>(entry_of(next), 0.f), h, o);
+      if (entry == nullptr) continue;
       const Layer<W> layer = layer_of<W>(entry, scales[row_slots[t]]);
       scratch.resize(2 * layer.R + layer.u + 1);
       row_delta(x + t * h, h, y + t * o, o, layer, scratch.data());
-      t = next;
     }
   });
 }
