@@ -242,9 +242,8 @@ def median_run(rounds: list[list[Measurement]]) -> list[Measurement]:
     return [sorted(ms, key=lambda m: m.tokens_per_s)[(len(ms) - 1) // 2] for ms in by_key.values()]
 
 
-def median_ratios(rounds: list[list[Measurement]]) -> dict[str, float]:
-    """Each ratio computed within a round (runs side by side), then the median over rounds."""
-    per_round = [ratios(runs) for runs in rounds]
+def median_ratios(per_round: list[dict[str, float]]) -> dict[str, float]:
+    """The median over rounds of each ratio, every one formed within its round (side by side)."""
     return {name: statistics.median(r[name] for r in per_round) for name in per_round[0]}
 
 
@@ -343,14 +342,14 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         register_adapters(registry, 0, cfg.requests)
         rounds = run_rounds(cfg, registry)
     memory = rss_scenarios(cfg, cfg.dtypes[0]) if cfg.rss_counts else []
-    measurements, summary = median_run(rounds), median_ratios(rounds)
+    per_round = [ratios(runs) for runs in rounds]
+    measurements, summary = median_run(rounds), median_ratios(per_round)
     return {"config": asdict(cfg), "torch_threads": torch.get_num_threads(),
             "load_average_before_after": [load_before, os.getloadavg()],
             "measurements": [asdict(m) for m in measurements], "ratios": summary,
             "rounds": [[asdict(m) for m in runs] for runs in rounds],
-            "ratios_per_round": [ratios(runs) for runs in rounds],
-            "memory": memory,
-            "table": table(measurements, memory, summary, [ratios(runs) for runs in rounds])}
+            "ratios_per_round": per_round, "memory": memory,
+            "table": table(measurements, memory, summary, per_round)}
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, BenchConfig]:
