@@ -10,48 +10,17 @@ are float32. Semantics are those of torch_backend.py; the float64 reference chec
 
 from __future__ import annotations
 
-import hashlib
-import platform
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
-from types import ModuleType
 
 import torch
 
 from ..adapters.weights import CompactLinearWeights
+from .cpu_extension import ELEMENT_TYPE_CODES, load_extension
 from .metadata import AdapterBatch
 from .pool import AdapterWeightPool
 
-SOURCE = Path(__file__).with_name("cpu_gathered.cpp")
-WEIGHT_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as in the .cpp
 TABLE_FIELDS = ("present", "A0", "B0t", "Au", "But", "R", "u", "m", "n", "cA", "cB", "sA", "sB")
 _TABLES_KEY = "cpu_slot_tables"
-
-
-def _machine_tag() -> str:
-    """Builds use -march=native, so the cached build is keyed to this processor and source."""
-    try:
-        cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        cpu = platform.processor()
-    return hashlib.sha1(f"{platform.machine()} {cpu} {SOURCE.read_bytes()!r}".encode()).hexdigest()[:10]
-
-
-@lru_cache(maxsize=2)
-def load_extension(portable_lanes: bool = False) -> ModuleType:
-    """The compiled kernel; ``portable_lanes`` builds the plain-C++ lane code that machines
-    without AVX-512 get (tests check it against the reference on this machine too)."""
-    from torch.utils.cpp_extension import load
-
-    flags = ["-O3", "-march=native", "-fopenmp-simd"]
-    if portable_lanes:
-        flags.append("-DPROLORA_PORTABLE_LANES")
-    module = load(name=f"prolora_cpu_gathered_{_machine_tag()}{'_portable' if portable_lanes else ''}",
-                  sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
-    if module.NUM_FIELDS != len(TABLE_FIELDS):
-        raise RuntimeError(f"stale kernel build: {module.NUM_FIELDS} table fields, expected {len(TABLE_FIELDS)}")
-    return module
 
 
 @dataclass(frozen=True)
@@ -97,10 +66,13 @@ class CpuBackend:
 
     def __init__(self, portable_lanes: bool = False) -> None:
         self.kernel = load_extension(portable_lanes)  # compiled (or loaded) once, at selection
+        if self.kernel.NUM_FIELDS != len(TABLE_FIELDS):
+            raise RuntimeError(f"stale kernel build: {self.kernel.NUM_FIELDS} table fields, "
+                               f"expected {len(TABLE_FIELDS)}")
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, pool: AdapterWeightPool, module_path: str,
               batch: AdapterBatch) -> None:
-        code = WEIGHT_DTYPE_CODES.get(pool.dtype)
+        code = ELEMENT_TYPE_CODES.get(pool.dtype)
         if code is None or pool.device.type != "cpu":
             raise TypeError(f"the cpu backend reads float32/bfloat16/float16 CPU pools, not {pool.dtype}")
         table = slot_table(pool, module_path)

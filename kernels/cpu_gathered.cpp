@@ -10,106 +10,29 @@
 // Other rows (NO_ADAPTER, or an adapter that does not target this module) are left alone.
 // shapes: x (T, h) float32, y (T, o) float32, row_slots (T) int64, table (S, kNumFields) int64
 //         (weight addresses and dims, see Field), scales (S) float32; the weights A0 (R, cA),
-//         B0t (R, cB), Au (u, h), But (u, o) are contiguous, of the dtype `weight_dtype`
-//         (0 float32, 1 bfloat16, 2 float16), converted to float32 in registers.
+//         B0t (R, cB), Au (u, h), But (u, o) are contiguous, of the element type `weight_type`
+//         (float32, bfloat16 or float16), converted to float32 in registers.
 //
 // Why this shape: mixed-adapter decode reads each row's own small weights once, so the cost is
 // instructions, not FLOPs. The shrink keeps kBlock rank accumulators of kLanes floats live in
 // registers across all m chunks (one horizontal sum per rank, not per chunk and rank); the
 // expand reads and writes each output run once per kBlock ranks. Reading the pool's tensors by
 // address means no per-step copies of adapter weights.
-#include <torch/extension.h>
+#include "cpu_kernels.h"
+#include "cpu_lanes.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
-#include <immintrin.h>
 #include <cstdint>
-#include <cstring>
+#include <tuple>
 #include <vector>
 
+namespace prolora {
 namespace {
 
-constexpr int64_t kLanes = 16;  // floats per AVX-512 register
 constexpr int64_t kBlock = 8;   // ranks handled per pass, their accumulators live in registers
 constexpr int64_t kRowsPerThread = 64;
-
-enum Field : int64_t { kPresent, kA0, kB0t, kAu, kBut, kR, kU, kM, kN, kCA, kCB, kSA, kSB, kNumFields };
-
-#ifdef __FLT16_MAX__
-using Half16 = _Float16;  // converts with F16C instructions where the CPU has them
-#else
-using Half16 = c10::Half;
-#endif
-
-// Lanes: kLanes floats, loaded and stored with a count of valid lanes so chunk tails need no
-// scalar loop. One AVX-512 register where the build has AVX-512, else a portable array.
-#if defined(__AVX512F__) && !defined(PROLORA_PORTABLE_LANES)
-struct Lanes {
-  __m512 v;
-};
-inline __mmask16 mask_of(int64_t valid) { return static_cast<__mmask16>((1u << valid) - 1u); }
-inline Lanes zero_lanes() { return {_mm512_setzero_ps()}; }
-inline Lanes load_lanes(const float* p, int64_t valid) {
-  return {valid >= kLanes ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask_of(valid), p)};
-}
-inline Lanes load_lanes(const c10::BFloat16* p, int64_t valid) {
-  const __m256i raw = valid >= kLanes ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                      : _mm256_maskz_loadu_epi16(mask_of(valid), p);
-  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))};
-}
-inline Lanes load_lanes(const Half16* p, int64_t valid) {
-  const __m256i raw = valid >= kLanes ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                      : _mm256_maskz_loadu_epi16(mask_of(valid), p);
-  return {_mm512_cvtph_ps(raw)};
-}
-inline void store_lanes(float* p, Lanes a, int64_t valid) {
-  if (valid >= kLanes) _mm512_storeu_ps(p, a.v);
-  else _mm512_mask_storeu_ps(p, mask_of(valid), a.v);
-}
-inline Lanes fma_lanes(Lanes a, Lanes b, Lanes acc) { return {_mm512_fmadd_ps(a.v, b.v, acc.v)}; }
-inline Lanes fma_lanes(float a, Lanes b, Lanes acc) {
-  return {_mm512_fmadd_ps(_mm512_set1_ps(a), b.v, acc.v)};
-}
-inline Lanes add_lanes(Lanes a, Lanes b) { return {_mm512_add_ps(a.v, b.v)}; }
-inline float sum_lanes(Lanes a) { return _mm512_reduce_add_ps(a.v); }
-#else
-struct Lanes {
-  float v[kLanes];
-};
-inline float to_float(float v) { return v; }
-inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float to_float(Half16 v) { return static_cast<float>(v); }
-inline Lanes zero_lanes() { return Lanes{}; }
-template <typename W>
-inline Lanes load_lanes(const W* p, int64_t valid) {
-  Lanes out{};
-  for (int64_t l = 0; l < std::min(valid, kLanes); ++l) out.v[l] = to_float(p[l]);
-  return out;
-}
-inline void store_lanes(float* p, Lanes a, int64_t valid) {
-  for (int64_t l = 0; l < std::min(valid, kLanes); ++l) p[l] = a.v[l];
-}
-inline Lanes fma_lanes(Lanes a, Lanes b, Lanes acc) {
-  for (int64_t l = 0; l < kLanes; ++l) acc.v[l] += a.v[l] * b.v[l];
-  return acc;
-}
-inline Lanes fma_lanes(float a, Lanes b, Lanes acc) {
-  for (int64_t l = 0; l < kLanes; ++l) acc.v[l] += a * b.v[l];
-  return acc;
-}
-inline Lanes add_lanes(Lanes a, Lanes b) {
-  for (int64_t l = 0; l < kLanes; ++l) a.v[l] += b.v[l];
-  return a;
-}
-inline float sum_lanes(Lanes a) {
-  float sum = 0.f;
-  for (int64_t l = 0; l < kLanes; ++l) sum += a.v[l];
-  return sum;
-}
-#endif
 
 template <typename W>
 struct Layer {
@@ -123,20 +46,6 @@ Layer<W> layer_of(const int64_t* e, float scale) {
   auto ptr = [](int64_t address) { return reinterpret_cast<const W*>(address); };
   return {ptr(e[kA0]), ptr(e[kB0t]), ptr(e[kAu]), ptr(e[kBut]), e[kR], e[kU], e[kM], e[kN],
           e[kCA], e[kCB], e[kSA], e[kSB], scale};
-}
-
-template <typename Fn>
-inline void dispatch_block(int64_t count, Fn&& fn) {
-  switch (count) {
-    case 1: fn(std::integral_constant<int, 1>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    case 4: fn(std::integral_constant<int, 4>{}); break;
-    case 5: fn(std::integral_constant<int, 5>{}); break;
-    case 6: fn(std::integral_constant<int, 6>{}); break;
-    case 7: fn(std::integral_constant<int, 7>{}); break;
-    default: fn(std::integral_constant<int, 8>{}); break;
-  }
 }
 
 // Rows are addressed by rotated index: row k of chunk i is base[((k + i*step) mod count) * stride].
@@ -186,7 +95,7 @@ template <typename W>
 void multi_dot(const float* x, int64_t num_chunks, int64_t chunk, int64_t limit,
                const RotatedRows<W>& src, float* out) {
   for (int64_t kb = 0; kb < src.count; kb += kBlock) {
-    dispatch_block(std::min(kBlock, src.count - kb), [&](auto K) {
+    dispatch_up_to_8(std::min(kBlock, src.count - kb), [&](auto K) {
       dot_block<W, K()>(x, num_chunks, chunk, limit, kb, src, out);
     });
   }
@@ -227,7 +136,7 @@ void multi_axpy(float* out, int64_t len, int64_t count, const W* rows, int64_t s
     const int64_t block = std::min(kBlock, count - kb);
     const W* block_rows[kBlock];
     for (int64_t k = 0; k < block; ++k) block_rows[k] = rows + (kb + k) * stride;
-    dispatch_block(block, [&](auto K) { axpy_block<W, K()>(out, len, block_rows, coef + kb); });
+    dispatch_up_to_8(block, [&](auto K) { axpy_block<W, K()>(out, len, block_rows, coef + kb); });
   }
 }
 
@@ -276,32 +185,16 @@ void apply_rows(float* y, const float* x, int64_t num_rows, int64_t h, int64_t o
 
 }  // namespace
 
-void gathered_apply(torch::Tensor y, torch::Tensor x, torch::Tensor row_slots, torch::Tensor table,
-                    torch::Tensor scales, int64_t weight_dtype) {
-  TORCH_CHECK(y.is_contiguous() && x.is_contiguous(), "x and y must be contiguous");
-  TORCH_CHECK(y.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat,
-              "x and y must be float32");
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x (T, h), y (T, o)");
-  TORCH_CHECK(row_slots.numel() == x.size(0) && row_slots.scalar_type() == torch::kLong,
-              "row_slots must be (T,) int64");
-  TORCH_CHECK(table.dim() == 2 && table.size(1) == kNumFields && table.is_contiguous() &&
-                  table.scalar_type() == torch::kLong, "table must be (S, ", kNumFields, ") int64");
-  TORCH_CHECK(scales.numel() == table.size(0) && scales.scalar_type() == torch::kFloat,
-              "scales must be (S,) float32");
-  const auto args = std::make_tuple(y.data_ptr<float>(), x.data_ptr<float>(), x.size(0), x.size(1),
-                                    y.size(1), row_slots.data_ptr<int64_t>(),
-                                    table.data_ptr<int64_t>(), table.size(0),
-                                    scales.data_ptr<float>());
-  switch (weight_dtype) {
-    case 0: std::apply(apply_rows<float>, args); break;
-    case 1: std::apply(apply_rows<c10::BFloat16>, args); break;
-    case 2: std::apply(apply_rows<Half16>, args); break;
-    default: TORCH_CHECK(false, "weight_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16)");
+void gathered_apply(float* y, const float* x, int64_t num_rows, int64_t in_features,
+                    int64_t out_features, const int64_t* row_slots, const int64_t* table,
+                    int64_t num_slots, const float* scales, ElementType weight_type) {
+  const auto args = std::make_tuple(y, x, num_rows, in_features, out_features, row_slots, table,
+                                    num_slots, scales);
+  switch (weight_type) {
+    case kFloat32: std::apply(apply_rows<float>, args); break;
+    case kBFloat16: std::apply(apply_rows<c10::BFloat16>, args); break;
+    case kFloat16: std::apply(apply_rows<Half16>, args); break;
   }
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("gathered_apply", &gathered_apply,
-             "y[t] += compact PRoLoRA delta of row t's adapter, read from a slot table");
-  module.attr("NUM_FIELDS") = static_cast<int64_t>(kNumFields);
-}
+}  // namespace prolora

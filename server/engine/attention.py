@@ -3,14 +3,28 @@
 Grouped-query attention without repeating K/V: the ``G = q_heads / kv_heads`` query heads that
 share a key/value head are laid out as G query rows of that head (head ``h`` uses kv head
 ``h // G``, as Hugging Face's ``repeat_kv`` does).
+
+Decode rows go through one ``DecodeAttention`` chosen once per (device, dtype): the fused C++
+kernel on the CPU (reads the paged cache in place), else torch SDPA over a gathered copy.
 """
 
 from __future__ import annotations
 
+import logging
+from functools import lru_cache
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
+from ...kernels.cpu_extension import ELEMENT_TYPE_CODES, load_extension
 from .kv_cache import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+# (q (Sd, Hq, D), key_cache, value_cache, meta, scale) -> (Sd, Hq, D): decode rows' attention.
+DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float],
+                           torch.Tensor]
 
 
 def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -24,11 +38,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache
                     value_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q (T, Hq, D), new k/v (T, Hkv, D) -> attention output (T, Hq, D); writes k/v to the cache."""
     write_kv(key_cache, value_cache, k, v, meta.slot_mapping)
+    decode = select_decode_attention(key_cache.device.type, key_cache.dtype)
     if len(meta.decode_seqs) == meta.num_tokens:  # pure decode step: rows are the sequences
-        return _decode(q, key_cache, value_cache, meta, scale)
+        return decode(q, key_cache, value_cache, meta, scale)
     out = torch.empty_like(q)
     if meta.decode_seqs:
-        decoded = _decode(q.index_select(0, meta.decode_rows), key_cache, value_cache, meta, scale)
+        decoded = decode(q.index_select(0, meta.decode_rows), key_cache, value_cache, meta, scale)
         out.index_copy_(0, meta.decode_rows, decoded)
     for seq, slots in zip(meta.prefill_seqs, meta.prefill_context_slots):
         rows = slice(meta.query_starts[seq], meta.query_starts[seq + 1])
@@ -36,8 +51,31 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache
     return out
 
 
-def _decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-            meta: AttentionMetadata, scale: float) -> torch.Tensor:
+@lru_cache(maxsize=None)
+def select_decode_attention(device_type: str, dtype: torch.dtype) -> DecodeAttention:
+    """The fused kernel for CPU caches of float32/bfloat16/float16, SDPA otherwise (or where the
+    kernel cannot be built: both compute the same attention)."""
+    if device_type != "cpu" or dtype not in ELEMENT_TYPE_CODES:
+        return sdpa_decode_attention
+    try:
+        load_extension()
+    except Exception as err:  # no compiler / headers
+        log.warning("fused CPU decode attention unavailable (%s); using torch SDPA", err)
+        return sdpa_decode_attention
+    return fused_cpu_decode_attention
+
+
+def fused_cpu_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                               meta: AttentionMetadata, scale: float,
+                               portable_lanes: bool = False) -> torch.Tensor:
+    """One query token per sequence, read from the paged cache in place (cpu_attention.cpp)."""
+    return load_extension(portable_lanes).paged_decode_attention(
+        q.contiguous(), key_cache, value_cache, meta.decode_block_tables, meta.decode_context_lens,
+        scale)
+
+
+def sdpa_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                          meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """One query token per sequence: gather every context at once, padded and masked."""
     num_seqs, q_heads, head_dim = q.shape
     blocks = meta.decode_block_tables.view(-1)  # index_select: cheaper than advanced indexing

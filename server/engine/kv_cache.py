@@ -116,6 +116,7 @@ class AttentionMetadata:
     decode_seqs: tuple[int, ...]  # (Sd,): sequences with one new token, attended in one batch
     decode_rows: torch.Tensor  # (Sd,) int64: their rows in the flat batch
     decode_block_tables: torch.Tensor  # (Sd, Bd) int64: their block tables padded with block 0
+    decode_context_lens: torch.Tensor  # (Sd,) int64: their context lengths
     decode_mask: torch.Tensor  # (Sd, 1, 1, Bd * block_size) bool: key position < context len
     prefill_seqs: tuple[int, ...]  # (Sp,): sequences with several new tokens, one at a time
     prefill_context_slots: tuple[torch.Tensor | None, ...]  # (Sp,) of (context_len,) int64,
@@ -139,7 +140,8 @@ def build_attention_metadata(seqs: list[SeqSlice], block_size: int,
     decode = tuple(i for i, s in enumerate(seqs) if s.num_new == 1)
     prefill = tuple(i for i, s in enumerate(seqs) if s.num_new > 1)
     tables = tuple(tuple(s.block_table[:blocks_needed(s.context_len, block_size)]) for s in seqs)
-    decode_tables, decode_mask = _decode_tensors([seqs[i] for i in decode], block_size, device)
+    decode_tables, decode_lens, decode_mask = _decode_tensors([seqs[i] for i in decode], block_size,
+                                                              device)
     return AttentionMetadata(
         block_size=block_size,
         slot_mapping=_slots(seqs, block_size, new_only=True, device=device),
@@ -150,6 +152,7 @@ def build_attention_metadata(seqs: list[SeqSlice], block_size: int,
         decode_seqs=decode,
         decode_rows=torch.tensor([starts[i] for i in decode], dtype=torch.int64, device=device),
         decode_block_tables=decode_tables,
+        decode_context_lens=decode_lens,
         decode_mask=decode_mask,
         prefill_seqs=prefill,
         prefill_context_slots=tuple(
@@ -180,7 +183,7 @@ def _slots(seqs: list[SeqSlice], block_size: int, new_only: bool,
 
 
 def _decode_tensors(seqs: list[SeqSlice], block_size: int,
-                    device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+                    device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max((blocks_needed(s.context_len, block_size) for s in seqs), default=0)
     tables = torch.zeros(len(seqs), width, dtype=torch.int64)
     for row, seq in enumerate(seqs):
@@ -188,4 +191,5 @@ def _decode_tensors(seqs: list[SeqSlice], block_size: int,
         tables[row, :used] = torch.tensor(seq.block_table[:used], dtype=torch.int64)
     lens = torch.tensor([s.context_len for s in seqs], dtype=torch.int64)
     mask = torch.arange(width * block_size).unsqueeze(0) < lens.unsqueeze(1)
-    return tables.to(device), mask.view(len(seqs), 1, 1, width * block_size).to(device)
+    return (tables.to(device), lens.to(device),
+            mask.view(len(seqs), 1, 1, width * block_size).to(device))
