@@ -59,4 +59,6 @@ def test_default_model_answers_and_an_adapter_changes_it(server, tmp_path) -> No
     assert "prolora_adapters_resident 1.0" in metrics
     base_bytes = float(next(line.split()[1] for line in metrics.splitlines()
                             if line.startswith("prolora_base_model_bytes")))
-    assert base_bytes < 200e6  # NF4: far below the 540 MB of fp32 weights
+    # NF4 projections + the float32 embedding and its packed output-layer copy: below the
+    # 650 MB that fp32 weights (and their packed output layer) take.
+    assert base_bytes < 300e6

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .packed_linear import PackedLinear, pack_float32_linears
+
 QUANT_DTYPES = ("nf4", "int8", "bf16", "fp32")
 NF4_BLOCKSIZE = 64
 CACHE_FORMAT = f"prolora-serve-quantized-1/bnb-{bnb.__version__}"
@@ -182,6 +184,7 @@ def quantize_model(model: nn.Module, dtype: str, device: torch.device | str,
             _swap_linear(model, path, dtype, compute_dtype, device, cached)  # sit on the device
     model.to(device=device, dtype=compute_dtype)  # integer weights keep their dtype
     model.eval().requires_grad_(False)
+    pack_float32_linears(model, ["lm_head", *linear_paths])  # the float32 ones, on the CPU
     warm_up(model, compute_dtype)
     if dtype in QUANTIZERS and cached is None and cache_file is not None:
         write_quantized(cache_file, dtype,
@@ -274,4 +277,4 @@ def model_nbytes(model: nn.Module) -> int:
         if tensor.numel() and tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             total += tensor.numel() * tensor.element_size()
-    return total
+    return total + sum(m.nbytes for m in model.modules() if isinstance(m, PackedLinear))
