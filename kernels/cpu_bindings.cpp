@@ -19,9 +19,9 @@ ElementType element_type_of(const torch::Tensor& t) {
 
 void gathered_apply(torch::Tensor y, torch::Tensor x, torch::Tensor row_slots, torch::Tensor table,
                     torch::Tensor scales, int64_t weight_type) {
-  TORCH_CHECK(y.is_contiguous() && x.is_contiguous(), "x and y must be contiguous");
-  TORCH_CHECK(y.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat,
-              "x and y must be float32");
+  TORCH_CHECK(y.is_contiguous() && y.scalar_type() == torch::kFloat,
+              "the cpu backend adds into a contiguous float32 output y");
+  x = x.to(torch::kFloat).contiguous();  // no copy when it already is
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x (T, h), y (T, o)");
   TORCH_CHECK(row_slots.numel() == x.size(0) && row_slots.scalar_type() == torch::kLong &&
                   row_slots.is_contiguous(), "row_slots must be (T,) int64");

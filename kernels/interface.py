@@ -74,10 +74,10 @@ class AdapterContext:
     def apply(self, module_path: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add each row's adapter delta to the base output ``y`` (same leading dims as ``x``)."""
         batch = self.batch
-        if batch is None or not batch.has_adapters:
+        if batch is None or not batch.slots:
             return
-        x2d = x.reshape(-1, x.shape[-1])
-        y2d = y.view(-1, y.shape[-1])
-        if x2d.shape[0] != batch.num_rows:
-            raise ValueError(f"{module_path}: {x2d.shape[0]} rows but the step has {batch.num_rows}")
-        self.backend.apply(y2d, x2d, self.pool, module_path, batch)
+        if x.dim() != 2:  # the engine's rows are already flat; reshaping costs a microsecond
+            x, y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        if x.shape[0] != batch.num_rows:
+            raise ValueError(f"{module_path}: {x.shape[0]} rows but the step has {batch.num_rows}")
+        self.backend.apply(y, x, self.pool, module_path, batch)

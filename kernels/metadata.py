@@ -25,7 +25,7 @@ class AdapterBatch:
 
     @property
     def num_rows(self) -> int:
-        return int(self.row_slots.numel())
+        return len(self.signature)
 
     @property
     def has_adapters(self) -> bool:
