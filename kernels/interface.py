@@ -74,7 +74,7 @@ class AdapterContext:
     def apply(self, module_path: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add each row's adapter delta to the base output ``y`` (same leading dims as ``x``)."""
         batch = self.batch
-        if batch is None or not batch.slots:
+        if batch is None or not batch.has_adapters:
             return
         if x.dim() != 2:  # the engine's rows are already flat; reshaping costs a microsecond
             x, y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])

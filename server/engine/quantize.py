@@ -10,6 +10,9 @@
   logs a warning per call).
 - ``bf16`` / ``fp32``: plain casts.
 
+On the CPU, the float32 linears that remain (the output layer; every projection of an fp32
+base) are then swapped for oneDNN-packed ones (``packed_linear.py``): same float32 products.
+
 Quantizing is slow on the CPU (seconds for a 135M model), so the quantized tensors can be
 cached in one safetensors file and reused (``cache_file``).
 """
