@@ -6,8 +6,8 @@
 // slot(p) = block_tables[s, p / bs] * bs + p % bs:
 //   score[p]     = scale * sum_d q[s, h, d] * key_cache[slot(p), g, d]        (p < L)
 //   out[s, h, d] = sum_p softmax(score)[p] * value_cache[slot(p), g, d]
-// shapes: q, out (S, Hq, D); key_cache, value_cache (num_blocks, bs, Hkv, D), all of one
-//         element type (float32, bfloat16 or float16; arithmetic in float32);
+// shapes: q, out (S, Hq, D) of one element type; key_cache, value_cache (num_blocks, bs, Hkv, D)
+//         of one element type, the same or 16-bit under float32 q (arithmetic in float32);
 //         block_tables (S, W) int64 with W * bs >= L; context_lens (S) int64, each >= 1.
 //
 // Why this shape: decode attention reads every cached key and value once and does two FMAs per
@@ -90,8 +90,8 @@ void weigh_values(const float* weights, const float* totals, int64_t D, const He
 }
 
 // Query heads h0 .. h0 + G of one sequence against its key/value head; scratch: G * (L + 2D) + G.
-template <typename T, int G>
-void attend_group(const T* q, T* out, const HeadRows<T>& keys, const HeadRows<T>& values,
+template <typename Q, typename T, int G>
+void attend_group(const Q* q, Q* out, const HeadRows<T>& keys, const HeadRows<T>& values,
                   int64_t L, int64_t D, float scale, std::vector<float>& scratch) {
   scratch.resize(G * (L + 2 * D) + G);
   float* qf = scratch.data();
@@ -102,11 +102,11 @@ void attend_group(const T* q, T* out, const HeadRows<T>& keys, const HeadRows<T>
   score_keys<T, G>(qf, D, keys, L, scores);
   for (int h = 0; h < G; ++h) totals[h] = softmax_numerators(scores + h * L, L);
   weigh_values<T, G>(scores, totals, D, values, L, result);
-  for (int64_t i = 0; i < G * D; ++i) out[i] = static_cast<T>(result[i]);
+  for (int64_t i = 0; i < G * D; ++i) out[i] = static_cast<Q>(result[i]);
 }
 
-template <typename T>
-void decode_all(T* out, const T* q, const T* key_cache, const T* value_cache,
+template <typename Q, typename T>
+void decode_all(Q* out, const Q* q, const T* key_cache, const T* value_cache,
                 const int64_t* block_tables, const int64_t* context_lens, const DecodeShape& s,
                 float scale) {
   const int64_t group = s.q_heads / s.kv_heads, D = s.head_dim, row_stride = s.kv_heads * D;
@@ -122,7 +122,7 @@ void decode_all(T* out, const T* q, const T* key_cache, const T* value_cache,
       for (int64_t h0 = 0; h0 < group; h0 += 8) {  // query heads of this kv head, 8 at a time
         const int64_t first = (seq * s.q_heads + g * group + h0) * D;
         dispatch_up_to_8(std::min<int64_t>(8, group - h0), [&](auto G) {
-          attend_group<T, G()>(q + first, out + first, keys, values, context_lens[seq], D, scale,
+          attend_group<Q, T, G()>(q + first, out + first, keys, values, context_lens[seq], D, scale,
                                scratch);
         });
       }
@@ -132,20 +132,29 @@ void decode_all(T* out, const T* q, const T* key_cache, const T* value_cache,
 
 }  // namespace
 
-void paged_decode_attention(void* out, const void* q, const void* key_cache,
-                            const void* value_cache, ElementType element_type,
+void paged_decode_attention(void* out, const void* q, ElementType q_type, const void* key_cache,
+                            const void* value_cache, ElementType cache_type,
                             const int64_t* block_tables, const int64_t* context_lens,
                             const DecodeShape& shape, float scale) {
-  auto run = [&](auto* typed) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
-    decode_all<T>(static_cast<T*>(out), static_cast<const T*>(q),
-                  static_cast<const T*>(key_cache), static_cast<const T*>(value_cache),
-                  block_tables, context_lens, shape, scale);
+  // q_type is cache_type or float32 (checked by the binding).
+  auto run = [&](auto* q_typed, auto* cache_typed) {
+    using Q = std::remove_pointer_t<decltype(q_typed)>;
+    using T = std::remove_pointer_t<decltype(cache_typed)>;
+    decode_all<Q, T>(static_cast<Q*>(out), static_cast<const Q*>(q),
+                     static_cast<const T*>(key_cache), static_cast<const T*>(value_cache),
+                     block_tables, context_lens, shape, scale);
   };
-  switch (element_type) {
-    case kFloat32: run(static_cast<float*>(nullptr)); break;
-    case kBFloat16: run(static_cast<c10::BFloat16*>(nullptr)); break;
-    case kFloat16: run(static_cast<Half16*>(nullptr)); break;
+  const bool float_q = q_type == kFloat32;
+  switch (cache_type) {
+    case kFloat32: run(static_cast<float*>(nullptr), static_cast<float*>(nullptr)); break;
+    case kBFloat16:
+      if (float_q) run(static_cast<float*>(nullptr), static_cast<c10::BFloat16*>(nullptr));
+      else run(static_cast<c10::BFloat16*>(nullptr), static_cast<c10::BFloat16*>(nullptr));
+      break;
+    case kFloat16:
+      if (float_q) run(static_cast<float*>(nullptr), static_cast<Half16*>(nullptr));
+      else run(static_cast<Half16*>(nullptr), static_cast<Half16*>(nullptr));
+      break;
   }
 }
 

@@ -44,8 +44,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor key_cache,
   TORCH_CHECK(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes() &&
                   key_cache.is_contiguous() && value_cache.is_contiguous(),
               "key/value caches must be contiguous (num_blocks, block_size, Hkv, D)");
-  TORCH_CHECK(q.scalar_type() == key_cache.scalar_type() &&
-                  q.scalar_type() == value_cache.scalar_type(), "q and the caches share a dtype");
+  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "the caches share a dtype");
+  TORCH_CHECK(q.scalar_type() == key_cache.scalar_type() || q.scalar_type() == torch::kFloat,
+              "q has the caches' dtype, or float32 over a 16-bit cache");
   const int64_t num_seqs = q.size(0), q_heads = q.size(1), kv_heads = key_cache.size(2);
   TORCH_CHECK(key_cache.size(3) == q.size(2) && q_heads % kv_heads == 0,
               "head_dim must match and q heads be a multiple of kv heads");
@@ -65,8 +66,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor key_cache,
       TORCH_CHECK(tables[s][b] >= 0 && tables[s][b] < key_cache.size(0), "block id out of range");
   }
   const prolora::DecodeShape shape{num_seqs, q_heads, kv_heads, q.size(2), block_size, width};
-  prolora::paged_decode_attention(out.data_ptr(), q.data_ptr(), key_cache.data_ptr(),
-                                  value_cache.data_ptr(), element_type_of(q),
+  prolora::paged_decode_attention(out.data_ptr(), q.data_ptr(), element_type_of(q),
+                                  key_cache.data_ptr(), value_cache.data_ptr(),
+                                  element_type_of(key_cache),
                                   block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
                                   shape, static_cast<float>(scale));
   return out;

@@ -21,8 +21,8 @@ struct DecodeShape {
   int64_t num_seqs, q_heads, kv_heads, head_dim, block_size, table_width;
 };
 
-void paged_decode_attention(void* out, const void* q, const void* key_cache,
-                            const void* value_cache, ElementType element_type,
+void paged_decode_attention(void* out, const void* q, ElementType q_type, const void* key_cache,
+                            const void* value_cache, ElementType cache_type,
                             const int64_t* block_tables, const int64_t* context_lens,
                             const DecodeShape& shape, float scale);
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import ADAPTER_DTYPES, DTYPES, ServerConfig, default_data_dir, env_default, env_name, format_size, parse_size
+from .config import ADAPTER_DTYPES, DTYPES, KV_CACHE_DTYPES, ServerConfig, default_data_dir, env_default, env_name, format_size, parse_size
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 GRACEFUL_SHUTDOWN_S = 10
@@ -55,6 +55,10 @@ def add_serve_command(subparsers: Any) -> None:
             "resident adapter weights (auto: fp16 next to an nf4/int8 base on the CPU, else the "
             "model's compute dtype)", choices=ADAPTER_DTYPES)
     _option(serve, "--kv-cache-memory", "256MiB", "device memory for the KV cache", type=_size)
+    _option(serve, "--kv-cache-dtype", "auto",
+            "KV cache element type (auto: the model's compute dtype; fp16/bf16 hold twice the "
+            "tokens per --kv-cache-memory and halve decode attention's memory traffic)",
+            choices=KV_CACHE_DTYPES)
     _option(serve, "--max-batch", 32, "most sequences in one running batch", type=int)
     _option(serve, "--max-batched-tokens", 512, "most tokens in one engine step", type=int)
     _option(serve, "--max-model-len", 2048, "most tokens per sequence (prompt + output)", type=int)
@@ -83,7 +87,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_queue=args.max_queue, max_upload_size=args.max_upload_size, api_key=args.api_key,
         admin_key=args.admin_key, register=[Path(p) for p in args.register],
         cache_dir=Path(args.cache_dir) if args.cache_dir else None, log_level=args.log_level,
-        threads=args.threads, adapter_dtype=args.adapter_dtype)
+        threads=args.threads, adapter_dtype=args.adapter_dtype,
+        kv_cache_dtype=args.kv_cache_dtype)
 
 
 def serve_command(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 ENV_PREFIX = "PROLORA_SERVE_"
 DTYPES = ("nf4", "int8", "bf16", "fp32")
 ADAPTER_DTYPES = ("auto", "fp32", "fp16", "bf16")  # resident adapter weights
+KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16")  # KV cache; auto: the model's compute dtype
 MiB = 1 << 20
 
 _SIZE_UNITS = {
@@ -90,6 +91,7 @@ class ServerConfig:
     log_level: str = "info"
     threads: int | None = None  # torch intra-op threads; None = torch's default (all cores)
     adapter_dtype: str = "auto"  # resident adapter weights: auto, fp32, fp16, bf16
+    kv_cache_dtype: str = "auto"  # auto (the model's compute dtype), fp32, fp16, bf16
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -102,6 +104,9 @@ class ServerConfig:
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise ValueError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, "
                              f"got {self.adapter_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.threads is not None:
             _positive("threads", self.threads)
         for name in ("api_key", "admin_key"):
@@ -122,4 +127,5 @@ class ServerConfig:
             max_batched_tokens=self.max_batched_tokens, kv_cache_bytes=self.kv_cache_memory,
             adapter_memory_bytes=self.adapter_memory, max_model_len=self.max_model_len,
             max_queue=self.max_queue, cache_dir=self.cache_dir, adapter_dtype=self.adapter_dtype,
+            kv_cache_dtype=self.kv_cache_dtype,
         )

@@ -20,7 +20,8 @@ SHAPES = [(9, 3, 64, 16), (4, 4, 10, 3), (12, 1, 33, 5), (2, 2, 16, 1), (8, 2, 1
 
 
 def random_decode_step(q_heads: int, kv_heads: int, head_dim: int, block_size: int,
-                       context_lens: list[int], dtype: torch.dtype, seed: int):
+                       context_lens: list[int], dtype: torch.dtype, seed: int,
+                       q_dtype: torch.dtype | None = None):
     """A cache full of random (stale) content, scattered block tables, one query per sequence."""
     gen = torch.Generator().manual_seed(seed)
     tables_len = [-(-n // block_size) for n in context_lens]
@@ -33,7 +34,7 @@ def random_decode_step(q_heads: int, kv_heads: int, head_dim: int, block_size: i
     seqs = [SeqSlice(order[s:s + n], length - 1, 1)
             for s, n, length in zip(starts, tables_len, context_lens)]
     meta = build_attention_metadata(seqs, block_size)
-    q = torch.randn(len(context_lens), q_heads, head_dim, generator=gen).to(dtype)
+    q = torch.randn(len(context_lens), q_heads, head_dim, generator=gen).to(q_dtype or dtype)
     return q, kv, meta
 
 
@@ -47,6 +48,41 @@ def test_decode_matches_float64_reference(decoder: str, dtype: torch.dtype, shap
     expected = reference_attention(q, kv.keys[0], kv.values[0], meta, 0.3)
     assert out.dtype == dtype and out.shape == q.shape
     assert_close_for_dtype(out, expected, dtype)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("q_dtype, cache_dtype", [(torch.float32, torch.bfloat16),
+                                                  (torch.float32, torch.float16),
+                                                  (torch.bfloat16, torch.float16)])
+def test_decode_over_a_cache_of_another_dtype(decoder: str, q_dtype: torch.dtype,
+                                              cache_dtype: torch.dtype) -> None:
+    """--kv-cache-dtype: float32 (or bf16) queries over a 16-bit cache; the output keeps q's dtype
+    and is exact to q's precision against the float64 reference on the cached values."""
+    q, kv, meta = random_decode_step(9, 3, 64, 16, [1, 40, 16, 23], cache_dtype, seed=5,
+                                     q_dtype=q_dtype)
+    out = DECODERS[decoder](q, kv.keys[0], kv.values[0], meta, 0.125)
+    assert out.dtype == q_dtype
+    assert_close_for_dtype(out, reference_attention(q, kv.keys[0], kv.values[0], meta, 0.125),
+                           q_dtype)
+
+
+def test_paged_attention_writes_float32_keys_into_a_16bit_cache() -> None:
+    """New keys/values are rounded once when written; decode reads the rounded values, a fresh
+    prefill attends to its own unrounded ones (as vLLM does), so bf16 tolerance for the step."""
+    gen = torch.Generator().manual_seed(12)
+    kv = KVCache(1, 16, 4, 2, 8, dtype=torch.bfloat16)
+    meta = build_attention_metadata([SeqSlice([3, 9], 0, 6), SeqSlice([7], 0, 3)], 4)
+    q, k, v = (torch.randn(meta.num_tokens, heads, 8, generator=gen) for heads in (4, 2, 2))
+    out = paged_attention(q, k, v, kv.keys[0], kv.values[0], meta, scale=0.35)
+    assert out.dtype == torch.float32
+    assert torch.equal(kv.keys[0].view(-1, 2, 8)[meta.slot_mapping], k.to(torch.bfloat16))
+    assert_close_for_dtype(out, reference_attention(q, kv.keys[0], kv.values[0], meta, 0.35),
+                           torch.bfloat16)
+    decode = build_attention_metadata([SeqSlice([3, 9], 6, 1), SeqSlice([7], 3, 1)], 4)
+    q1, k1, v1 = (torch.randn(2, heads, 8, generator=gen) for heads in (4, 2, 2))
+    out = paged_attention(q1, k1, v1, kv.keys[0], kv.values[0], decode, scale=0.35)
+    assert_close_for_dtype(out, reference_attention(q1, kv.keys[0], kv.values[0], decode, 0.35),
+                           torch.float32)
 
 
 @pytest.mark.parametrize("rows", [1, 3])
@@ -93,6 +129,15 @@ def test_paged_attention_uses_the_fused_kernel_for_mixed_steps() -> None:
     out = paged_attention(q, k, v, kv.keys[0], kv.values[0], meta, scale=0.35)
     assert_close_for_dtype(out, reference_attention(q, kv.keys[0], kv.values[0], meta, 0.35),
                            torch.float32)
+
+
+def test_fused_decode_refuses_a_query_of_another_16bit_dtype_in_the_kernel() -> None:
+    from prolora_serve.kernels.cpu_extension import load_extension
+
+    q, kv, meta = random_decode_step(2, 1, 8, 4, [6], torch.float16, seed=0, q_dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="float32 over a 16-bit cache"):
+        load_extension().paged_decode_attention(q, kv.keys[0], kv.values[0],
+                                                meta.decode_block_tables, meta.decode_context_lens, 1.0)
 
 
 def test_decoder_is_chosen_by_device_and_dtype() -> None:

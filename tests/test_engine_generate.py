@@ -455,3 +455,24 @@ def test_default_nf4_model_knows_the_capital_of_france(default_model_nf4) -> Non
     finally:
         engine.shutdown()
     assert "Paris" in result.text, result.text
+
+
+# Observed max errors on this model: fp16 0.003, bf16 0.035 (8 bits of mantissa); auto (fp32) is
+# exact to float32 (2e-4, as the other logprob tests).
+@pytest.mark.parametrize("kv_dtype, tolerance", [("auto", 2e-4), ("fp16", 1e-2), ("bf16", 1e-1)])
+def test_a_16bit_kv_cache_keeps_logprobs_close_to_float64(tiny: Tiny, kv_dtype: str,
+                                                          tolerance: float) -> None:
+    """--kv-cache-dtype fp16/bf16 next to float32 compute: keys and values are rounded once when
+    cached; chunked prefill and decode still track the float64 reference (teacher-forced on the
+    engine's own tokens) within that rounding."""
+    ids = prompt_ids(tiny, 21, seed=8)
+    engine = tiny.engine(max_batched_tokens=8, kv_cache_dtype=kv_dtype)
+    expected_dtype = {"auto": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[kv_dtype]
+    assert engine.runner.kv_cache.keys[0].dtype == expected_dtype
+    result = run(engine, [Request("r", ids, greedy(8, logprobs=1), "pro-a")])["r"]
+    model = merged_hf(tiny, tiny.adapters["pro-a"]).double()
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([ids + result.token_ids])).logits[0], -1)
+    errors = [abs(entry.logprob - float(reference[len(ids) - 1 + i, entry.token_id]))
+              for i, entry in enumerate(result.logprobs)]
+    assert len(errors) == 8 and max(errors) < tolerance, errors

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaConfig
 import yaml
 
 from prolora_serve.server import cli
@@ -101,3 +102,25 @@ def test_adapter_dtype_choices_match_the_engine_dtypes() -> None:
     from prolora_serve.server.config import ADAPTER_DTYPES
 
     assert ADAPTER_DTYPES == ("auto", *ADAPTER_TORCH_DTYPES)  # config.py stays torch-free
+
+
+def test_kv_cache_dtype_is_validated_resolved_and_sizes_the_cache() -> None:
+    from prolora_serve.server.engine.engine import (EngineConfig, LLMEngine,
+                                                    resolve_kv_cache_dtype)
+    from prolora_serve.server.engine.model import LlamaModel
+
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        ServerConfig(kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="int4")
+    assert ServerConfig(kv_cache_dtype="fp16").engine_config().kv_cache_dtype == "fp16"
+    assert resolve_kv_cache_dtype("auto", torch.float32) == torch.float32
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert resolve_kv_cache_dtype("bf16", torch.float32) == torch.bfloat16
+    model = LlamaModel(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    config = EngineConfig(kv_cache_bytes=1 << 20, block_size=16)
+    # 2 layers x (K, V) x 16 slots x 2 heads x 8 dims = 1024 elements: 4096 bytes a block in
+    # fp32, 2048 in fp16, so the same budget holds twice the tokens
+    assert LLMEngine._num_blocks(config, model, torch.float32) == 256  # noqa: SLF001
+    assert LLMEngine._num_blocks(config, model, torch.float16) == 512  # noqa: SLF001

@@ -29,9 +29,10 @@ DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionM
 
 def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store the step's new keys/values (T, kv_heads, head_dim) at their flat cache slots."""
-    key_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-    value_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+    """Store the step's new keys/values (T, kv_heads, head_dim) at their flat cache slots, in the
+    cache's dtype (a 16-bit cache next to float32 compute rounds them here, once)."""
+    key_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k.to(key_cache.dtype))
+    value_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v.to(value_cache.dtype))
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
@@ -68,10 +69,13 @@ def select_decode_attention(device_type: str, dtype: torch.dtype) -> DecodeAtten
 def fused_cpu_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                                meta: AttentionMetadata, scale: float,
                                portable_lanes: bool = False) -> torch.Tensor:
-    """One query token per sequence, read from the paged cache in place (cpu_attention.cpp)."""
-    return load_extension(portable_lanes).paged_decode_attention(
-        q.contiguous(), key_cache, value_cache, meta.decode_block_tables, meta.decode_context_lens,
-        scale)
+    """One query token per sequence, read from the paged cache in place (cpu_attention.cpp).
+    The kernel takes q in the cache's dtype or float32; any other pairing computes in float32."""
+    query = q if q.dtype in (torch.float32, key_cache.dtype) else q.float()
+    out = load_extension(portable_lanes).paged_decode_attention(
+        query.contiguous(), key_cache, value_cache, meta.decode_block_tables,
+        meta.decode_context_lens, scale)
+    return out.to(q.dtype)
 
 
 def sdpa_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -80,8 +84,8 @@ def sdpa_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache:
     num_seqs, q_heads, head_dim = q.shape
     blocks = meta.decode_block_tables.view(-1)  # index_select: cheaper than advanced indexing
     kv_heads = key_cache.shape[2]
-    keys = key_cache.index_select(0, blocks).view(num_seqs, -1, kv_heads, head_dim).transpose(1, 2)
-    values = value_cache.index_select(0, blocks).view(num_seqs, -1, kv_heads, head_dim).transpose(1, 2)
+    keys = key_cache.index_select(0, blocks).to(q.dtype).view(num_seqs, -1, kv_heads, head_dim).transpose(1, 2)
+    values = value_cache.index_select(0, blocks).to(q.dtype).view(num_seqs, -1, kv_heads, head_dim).transpose(1, 2)
     grouped = q.view(num_seqs, kv_heads, q_heads // kv_heads, head_dim)
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=meta.decode_mask,
                                          scale=scale)
@@ -96,8 +100,8 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch
     if context_slots is None:  # nothing cached: the new K/V are the whole context
         keys, values, mask = k, v, None
     else:
-        keys = key_cache.view(-1, *k.shape[1:]).index_select(0, context_slots)
-        values = value_cache.view(-1, *v.shape[1:]).index_select(0, context_slots)
+        keys = key_cache.view(-1, *k.shape[1:]).index_select(0, context_slots).to(q.dtype)
+        values = value_cache.view(-1, *v.shape[1:]).index_select(0, context_slots).to(q.dtype)
         mask = _chunk_causal_mask(num_new, keys.shape[0], q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),

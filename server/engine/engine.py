@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence as Seq
 import torch
 
 from ...adapters.weights import ADAPTER_TORCH_DTYPES
-from ..config import ADAPTER_DTYPES, DTYPES
+from ..config import ADAPTER_DTYPES, DTYPES, KV_CACHE_DTYPES
 from .detokenizer import IncrementalDetokenizer, StopStringText, TokenTextCache
 from .errors import PromptTooLongError, QueueFullError, UnknownAdapterError
 from .kv_cache import BlockAllocator, KVCache
@@ -48,6 +48,12 @@ def resolve_adapter_dtype(adapter_dtype: str, base_dtype: str, compute_dtype: to
     return compute_dtype
 
 
+def resolve_kv_cache_dtype(kv_cache_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type: ``auto`` is the model's compute dtype (exact); fp16/bf16
+    round keys and values once when they are written."""
+    return compute_dtype if kv_cache_dtype == "auto" else ADAPTER_TORCH_DTYPES[kv_cache_dtype]
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None  # None: the embedded default model
@@ -63,12 +69,15 @@ class EngineConfig:
     cache_dir: Path | None = None
     adapter_backend: str = "auto"
     adapter_dtype: str = "auto"  # resident adapter weights; auto: see resolve_adapter_dtype
+    kv_cache_dtype: str = "auto"  # auto: the model's compute dtype; see resolve_kv_cache_dtype
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise ValueError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         for name in ("max_batch", "max_batched_tokens", "block_size", "max_model_len", "max_queue"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -153,10 +162,11 @@ class LLMEngine:
         self.hf_config = loaded.hf_config
         self.model_name = loaded.name
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
-        num_blocks = self._num_blocks(config, loaded.model)
+        kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, loaded.model.dtype)
+        num_blocks = self._num_blocks(config, loaded.model, kv_dtype)
         adapter_dtype = resolve_adapter_dtype(config.adapter_dtype, config.dtype, loaded.model.dtype)
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, config.adapter_backend,
-                                  adapter_dtype)
+                                  adapter_dtype, kv_dtype)
         self.adapter_source = adapter_source
         self.adapter_cache = (AdapterCache(self.runner.pool, config.adapter_memory_bytes, adapter_source)
                               if adapter_source is not None else None)
@@ -178,12 +188,12 @@ class LLMEngine:
         return cls(config, loaded, adapter_source)
 
     @staticmethod
-    def _num_blocks(config: EngineConfig, model: Any) -> int:
+    def _num_blocks(config: EngineConfig, model: Any, kv_dtype: torch.dtype) -> int:
         hf = model.config
         kv_heads = hf.num_key_value_heads or hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         per_block = KVCache.bytes_per_block(hf.num_hidden_layers, config.block_size, kv_heads,
-                                            head_dim, model.dtype)
+                                            head_dim, kv_dtype)
         num_blocks = config.kv_cache_bytes // per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} is less than one KV block "

@@ -130,11 +130,13 @@ class LlamaModel(nn.Module):
         """(N, hidden_size) -> (N, vocab) float32 logits."""
         return self.lm_head(hidden).float()
 
-    def make_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
+    def make_kv_cache(self, num_blocks: int, block_size: int,
+                      dtype: torch.dtype | None = None) -> KVCache:
+        """A paged cache in ``dtype`` (default: the model's compute dtype)."""
         config = self.config
         return KVCache(config.num_hidden_layers, num_blocks, block_size,
                        config.num_key_value_heads or config.num_attention_heads,
-                       head_dim_of(config), self.dtype, self.device)
+                       head_dim_of(config), dtype or self.dtype, self.device)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """Module path -> (in_features, out_features) of every adaptable projection."""

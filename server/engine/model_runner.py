@@ -51,10 +51,11 @@ def flatten(chunks: list[ScheduledChunk]) -> FlatBatch:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
-                 adapter_backend: str = "auto", adapter_dtype: torch.dtype | None = None) -> None:
+                 adapter_backend: str = "auto", adapter_dtype: torch.dtype | None = None,
+                 kv_cache_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.block_size = block_size
-        self.kv_cache = model.make_kv_cache(num_blocks, block_size)
+        self.kv_cache = model.make_kv_cache(num_blocks, block_size, kv_cache_dtype)
         self.pool = AdapterWeightPool(model.device, adapter_dtype or model.dtype)
         self.adapter_ctx = AdapterContext(self.pool, get_backend(adapter_backend, model.device, model.dtype))
         install_adapter_layers(model, self.adapter_ctx)
