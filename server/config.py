@@ -14,7 +14,7 @@ from typing import Any
 ENV_PREFIX = "PROLORA_SERVE_"
 DTYPES = ("nf4", "int8", "bf16", "fp32")
 ADAPTER_DTYPES = ("auto", "fp32", "fp16", "bf16")  # resident adapter weights
-KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16")  # KV cache; auto: the model's compute dtype
+KV_CACHE_DTYPES = ADAPTER_DTYPES  # the same float names for the KV cache; auto: the compute dtype
 MiB = 1 << 20
 
 _SIZE_UNITS = {
