@@ -62,6 +62,12 @@ def default_data_dir() -> Path:
     return Path(base) / "prolora-serve"
 
 
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """The one check of every named-option setting, shared by ServerConfig and EngineConfig."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def _positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -94,19 +100,14 @@ class ServerConfig:
     kv_cache_dtype: str = "auto"  # auto (the model's compute dtype), fp32, fp16, bf16
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
+        check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         for name in ("adapter_memory", "kv_cache_memory", "max_batch", "max_batched_tokens",
                      "max_model_len", "max_queue", "max_upload_size"):
             _positive(name, getattr(self, name))
-        if self.adapter_dtype not in ADAPTER_DTYPES:
-            raise ValueError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, "
-                             f"got {self.adapter_dtype!r}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
-                             f"got {self.kv_cache_dtype!r}")
         if self.threads is not None:
             _positive("threads", self.threads)
         for name in ("api_key", "admin_key"):

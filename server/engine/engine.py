@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any, Sequence as Seq
 import torch
 
 from ...adapters.weights import ADAPTER_TORCH_DTYPES
-from ..config import ADAPTER_DTYPES, DTYPES, KV_CACHE_DTYPES
+from ..config import ADAPTER_DTYPES, DTYPES, KV_CACHE_DTYPES, check_choice
 from .detokenizer import IncrementalDetokenizer, StopStringText, TokenTextCache
 from .errors import PromptTooLongError, QueueFullError, UnknownAdapterError
 from .kv_cache import BlockAllocator, KVCache
+from .model import head_dim_of
 from .model_runner import ModelRunner, StepLogits
 from .residency import AdapterCache, AdapterCacheStats, AdapterSource
 from .sampling import SampleResult, SamplingParams, make_generator, sample, top_alternatives
@@ -72,12 +73,9 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto: the model's compute dtype; see resolve_kv_cache_dtype
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.adapter_dtype not in ADAPTER_DTYPES:
-            raise ValueError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
+        check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         for name in ("max_batch", "max_batched_tokens", "block_size", "max_model_len", "max_queue"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -191,9 +189,8 @@ class LLMEngine:
     def _num_blocks(config: EngineConfig, model: Any, kv_dtype: torch.dtype) -> int:
         hf = model.config
         kv_heads = hf.num_key_value_heads or hf.num_attention_heads
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         per_block = KVCache.bytes_per_block(hf.num_hidden_layers, config.block_size, kv_heads,
-                                            head_dim, kv_dtype)
+                                            head_dim_of(hf), kv_dtype)
         num_blocks = config.kv_cache_bytes // per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} is less than one KV block "
