@@ -1,21 +1,34 @@
-"""Server settings: one validated dataclass, filled from CLI flags whose defaults come from env vars.
+"""Every setting, declared once.
 
-Every flag ``--some-option`` can also be set as ``PROLORA_SERVE_SOME_OPTION``; the flag wins.
+Each setting is a dataclass field made with ``option(...)``: its metadata (an ``Option``) holds
+the help text, the parser for flag and environment text, the choices and the check. From that
+one declaration come the ``serve`` flags and their ``--help`` (``add_options``), the
+``PROLORA_SERVE_*`` environment variables (``from_sources``: a flag wins over its variable,
+a variable over the default) and validation, run once in ``__post_init__``.
+
+``ServerConfig`` holds the ``EngineConfig``: the engine's settings are declared in one place
+and the server never copies them. This module stays torch-free (``--help`` is instant).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+from ..adapters.accounting import WEIGHT_DTYPES
 
 ENV_PREFIX = "PROLORA_SERVE_"
-DTYPES = ("nf4", "int8", "bf16", "fp32")
+DTYPES = WEIGHT_DTYPES  # base weight formats
 ADAPTER_DTYPES = ("auto", "fp32", "fp16", "bf16")  # resident adapter weights
 KV_CACHE_DTYPES = ADAPTER_DTYPES  # the same float names for the KV cache; auto: the compute dtype
-MiB = 1 << 20
+ADAPTER_BACKENDS = ("auto", "cpu", "torch", "triton", "reference")  # kernels.interface.BACKEND_NAMES
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+MIB = 1 << 20
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -25,8 +38,11 @@ _SIZE_UNITS = {
     "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
 }
 _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
+# --- text parsers (flag and environment text -> value) -----------------------------------------
 def parse_size(text: str | int) -> int:
     """Bytes from ``"256MiB"``, ``"1GB"``, ``"512M"`` (binary), ``"1048576"``."""
     if isinstance(text, int) and not isinstance(text, bool):
@@ -46,14 +62,20 @@ def format_size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def env_name(option: str) -> str:
-    """``adapter_memory`` or ``--adapter-memory`` -> ``PROLORA_SERVE_ADAPTER_MEMORY``."""
-    return ENV_PREFIX + option.lstrip("-").replace("-", "_").upper()
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE or lowered in _FALSE:
+        return lowered in _TRUE
+    raise ValueError(f"invalid boolean {text!r}: use one of {', '.join(_TRUE + _FALSE)}")
 
 
-def env_default(option: str, fallback: Any = None) -> Any:
-    """The env var's raw string (argparse converts string defaults with the flag's type)."""
-    return os.environ.get(env_name(option), fallback)
+def optional_text(text: str) -> str | None:
+    """An empty value means "not set" (an empty key is never a key)."""
+    return text or None
+
+
+def expanded_path(text: str) -> Path:
+    return Path(text).expanduser()
 
 
 def default_data_dir() -> Path:
@@ -62,71 +84,277 @@ def default_data_dir() -> Path:
     return Path(base) / "prolora-serve"
 
 
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    """The one check of every named-option setting, shared by ServerConfig and EngineConfig."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+# --- checks (a value -> the problem, or None) --------------------------------------------------
+Check = Callable[[Any], "str | None"]
 
 
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def positive(value: Any) -> str | None:
+    return None if _is_int(value) and value >= 1 else "must be a positive integer"
+
+
+def port_number(value: Any) -> str | None:
+    return None if _is_int(value) and 0 <= value <= 65535 else "must be an integer in 0..65535"
+
+
+def device_name(value: Any) -> str | None:
+    ok = isinstance(value, str) and _DEVICE_PATTERN.match(value)
+    return None if ok else "must be cpu, cuda or cuda:N"
+
+
+def existing_directories(value: Any) -> str | None:
+    missing = [str(p) for p in value if not Path(p).is_dir()]
+    return f"no such directory: {', '.join(missing)}" if missing else None
+
+
+# --- the declaration ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Option:
+    """How one setting is given, shown and checked."""
+
+    help: str
+    parse: Callable[[str], Any] = str  # flag / environment text -> value
+    check: Check | None = None  # run on every value, however it was given
+    choices: tuple[str, ...] | None = None
+    many: bool = False  # a list: the flag takes several values, the variable os.pathsep-separated
+    optional: bool = False  # None is allowed (and means the documented fallback)
+    shown_default: str | None = None  # how --help shows the default, where repr would not do
+    metavar: str | None = None
+
+
+T = TypeVar("T")
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str,  # noqa: A002 - argparse's word
+           default_factory: Callable[[], Any] | None = None, **how: Any) -> Any:
+    """A dataclass field declaring one setting (see ``Option`` for ``how``)."""
+    metadata = {"option": Option(help=help, **how)}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def flag_name(name: str) -> str:
+    """``adapter_memory`` -> ``--adapter-memory``."""
+    return "--" + name.replace("_", "-")
+
+
+def env_name(option_name: str) -> str:
+    """``adapter_memory`` or ``--adapter-memory`` -> ``PROLORA_SERVE_ADAPTER_MEMORY``."""
+    return ENV_PREFIX + option_name.lstrip("-").replace("-", "_").upper()
+
+
+def declared_options(cls: type) -> Iterator[tuple[dataclasses.Field, Option]]:
+    """Every option of ``cls``, nested option dataclasses (ServerConfig.engine) included."""
+    for f in dataclasses.fields(cls):
+        if "option" in f.metadata:
+            yield f, f.metadata["option"]
+        elif f.metadata.get("options_of") is not None:
+            yield from declared_options(f.metadata["options_of"])
+
+
+def nested(cls: type) -> Any:
+    """A field holding another options dataclass, built from the same sources."""
+    return field(default_factory=cls, metadata={"options_of": cls})
+
+
+def _coerce(opt: Option, value: Any) -> Any:
+    """Text given in code (``ServerConfig(port="8000")``) reads as flag text would."""
+    if opt.many:
+        return [opt.parse(v) if isinstance(v, str) else v for v in value]
+    return opt.parse(value) if isinstance(value, str) and opt.parse is not str else value
+
+
+def _problem(opt: Option, value: Any) -> str | None:
+    if value is None:
+        return None if opt.optional else "must be set"
+    if opt.choices is not None and value not in opt.choices:
+        return f"must be one of {', '.join(opt.choices)}"
+    return opt.check(value) if opt.check is not None else None
+
+
+def validate_options(config: Any) -> None:
+    """Coerce and check every option field of ``config``: the one validation of each setting."""
+    for f in dataclasses.fields(config):
+        opt = f.metadata.get("option")
+        if opt is None:
+            continue
+        try:
+            value = _coerce(opt, getattr(config, f.name))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{describe(f.name)}: {err}") from None
+        problem = _problem(opt, value)
+        if problem is not None:
+            raise ValueError(f"{describe(f.name)} {problem}, got {getattr(config, f.name)!r}")
+        object.__setattr__(config, f.name, value)
+
+
+def describe(name: str) -> str:
+    """How errors name a setting: its field, flag and variable."""
+    return f"{name} ({flag_name(name)}, {env_name(name)})"
+
+
+def parse_env_text(opt: Option, text: str) -> Any:
+    if opt.many:
+        return [opt.parse(part) for part in text.split(os.pathsep) if part]
+    return opt.parse(text)
+
+
+def from_sources(cls: type[T], given: Mapping[str, Any],
+                 environ: Mapping[str, str] | None = None) -> T:
+    """Build ``cls`` from values by option name (flags, or code), then the environment, then
+    the declared defaults. Unknown names are refused."""
+    environ = os.environ if environ is None else environ
+    known = {f.name for f, _ in declared_options(cls)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(unknown)}")
+    return _build(cls, given, environ)
+
+
+def _build(cls: type[T], given: Mapping[str, Any], environ: Mapping[str, str]) -> T:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("options_of") is not None:
+            kwargs[f.name] = _build(f.metadata["options_of"], given, environ)
+        elif "option" in f.metadata:
+            if f.name in given:
+                kwargs[f.name] = given[f.name]
+            elif env_name(f.name) in environ:
+                try:
+                    kwargs[f.name] = parse_env_text(f.metadata["option"], environ[env_name(f.name)])
+                except ValueError as err:
+                    raise ValueError(f"{env_name(f.name)}: {err}") from None
+    return cls(**kwargs)
+
+
+def _shown_default(f: dataclasses.Field, opt: Option) -> str:
+    if opt.shown_default is not None:
+        return opt.shown_default
+    default = f.default
+    if opt.parse is parse_size and _is_int(default):
+        return format_size(default)
+    if default is None:
+        return "unset"
+    return str(default)
+
+
+def _flag_parser(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """argparse shows the parser's own message only for ArgumentTypeError."""
+    def run(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    run.__name__ = getattr(parse, "__name__", "value")
+    return run
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per declared option; absent flags stay absent (``from_sources`` fills them)."""
+    for f, opt in declared_options(cls):
+        text = f"{opt.help} (env {env_name(f.name)}; default: {_shown_default(f, opt)})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
+        if f.type in ("bool", bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            metavar = opt.metavar or ("SIZE" if opt.parse is parse_size else None)
+            kwargs.update(type=_flag_parser(opt.parse), choices=opt.choices, metavar=metavar)
+            if opt.many:
+                kwargs["nargs"] = "+"
+        parser.add_argument(flag_name(f.name), **kwargs)
+
+
+# --- the settings ------------------------------------------------------------------------------
+@dataclass
+class EngineConfig:
+    """What the engine needs: the model, its memory budgets and the batch limits."""
+
+    model: str | None = option(None, optional=True, help="HF model directory or .gguf file",
+                               shown_default="the embedded SmolLM2-135M-Instruct")
+    dtype: str = option("nf4", choices=DTYPES, help="base weight format")
+    device: str = option("cpu", check=device_name, help="torch device for the model")
+    max_batch: int = option(32, parse=int, check=positive,
+                            help="most sequences in one running batch")
+    max_batched_tokens: int = option(512, parse=int, check=positive,
+                                     help="most tokens in one engine step")
+    block_size: int = option(16, parse=int, check=positive, help="token slots per KV cache block")
+    kv_cache_memory: int = option(256 * MIB, parse=parse_size, check=positive,
+                                  help="device memory for the KV cache")
+    kv_cache_dtype: str = option(
+        "auto", choices=KV_CACHE_DTYPES,
+        help="KV cache element type (auto: the model's compute dtype; fp16/bf16 hold twice the "
+             "tokens per --kv-cache-memory and halve decode attention's memory traffic)")
+    adapter_memory: int = option(256 * MIB, parse=parse_size, check=positive,
+                                 help="device memory for resident adapters")
+    adapter_dtype: str = option(
+        "auto", choices=ADAPTER_DTYPES,
+        help="resident adapter weights (auto: fp16 next to an nf4/int8 base on the CPU, else the "
+             "model's compute dtype)")
+    adapter_backend: str = option(
+        "auto", choices=ADAPTER_BACKENDS,
+        help="adapter kernels (auto: the fused C++ kernel on the CPU for float32, Triton on CUDA, "
+             "else torch; reference is the float64 check, slow)")
+    max_model_len: int = option(2048, parse=int, check=positive,
+                                help="most tokens per sequence (prompt + output)")
+    max_queue: int = option(1024, parse=int, check=positive,
+                            help="most waiting requests before 429")
+    cache_dir: Path | None = option(None, parse=expanded_path, optional=True,
+                                    help="where the converted default model is cached",
+                                    shown_default="$PROLORA_SERVE_CACHE or the user cache")
+
+    def __post_init__(self) -> None:
+        validate_options(self)
 
 
 @dataclass
 class ServerConfig:
-    """Everything ``prolora-serve serve`` needs; the engine part is handed to ``EngineConfig``."""
+    """Everything ``prolora-serve serve`` needs: HTTP, the registry, keys, and the engine."""
 
-    model: str | None = None  # None = the embedded default model
-    dtype: str = "nf4"
-    device: str = "cpu"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    adapter_dir: Path = field(default_factory=lambda: default_data_dir() / "adapters")
-    adapter_memory: int = 256 * MiB
-    kv_cache_memory: int = 256 * MiB
-    max_batch: int = 32
-    max_batched_tokens: int = 512
-    max_model_len: int = 2048
-    max_queue: int = 1024
-    max_upload_size: int = 1024 * MiB
-    api_key: str | None = None
-    admin_key: str | None = None
-    register: list[Path] = field(default_factory=list)
-    cache_dir: Path | None = None
-    log_level: str = "info"
-    threads: int | None = None  # torch intra-op threads; None = torch's default (all cores)
-    adapter_dtype: str = "auto"  # resident adapter weights: auto, fp32, fp16, bf16
-    kv_cache_dtype: str = "auto"  # auto (the model's compute dtype), fp32, fp16, bf16
+    engine: EngineConfig = nested(EngineConfig)
+    host: str = option("127.0.0.1", help="address to bind")
+    port: int = option(8000, parse=int, check=port_number, help="port to bind")
+    adapter_dir: Path = option(default_factory=lambda: default_data_dir() / "adapters",
+                               parse=expanded_path, help="adapter registry directory",
+                               shown_default="$XDG_DATA_HOME/prolora-serve/adapters")
+    max_upload_size: int = option(1024 * MIB, parse=parse_size, check=positive,
+                                  help="largest adapter upload")
+    api_key: str | None = option(None, parse=optional_text, optional=True,
+                                 help="key required on /v1/* and adapter reads")
+    admin_key: str | None = option(None, parse=optional_text, optional=True,
+                                   help="key required for adapter uploads and deletes")
+    register: list[Path] = option(
+        default_factory=list, parse=expanded_path, many=True, check=existing_directories,
+        metavar="DIR", shown_default="none",
+        help="register every adapter found in DIR at start-up, skipping ids already present "
+             f"(the variable is {os.pathsep!r}-separated)")
+    log_level: str = option("info", choices=LOG_LEVELS, help="log level")
+    threads: int | None = option(None, parse=int, check=positive, optional=True,
+                                 help="torch intra-op threads (fewer can be faster on a shared CPU)",
+                                 shown_default="all cores")
 
     def __post_init__(self) -> None:
-        check_choice("dtype", self.dtype, DTYPES)
-        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
-        check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
-        for name in ("adapter_memory", "kv_cache_memory", "max_batch", "max_batched_tokens",
-                     "max_model_len", "max_queue", "max_upload_size"):
-            _positive(name, getattr(self, name))
-        if self.threads is not None:
-            _positive("threads", self.threads)
-        for name in ("api_key", "admin_key"):
-            if getattr(self, name) == "":
-                setattr(self, name, None)  # an empty env var means "no key", never "the empty key"
-        self.adapter_dir = Path(self.adapter_dir).expanduser()
-        self.register = [Path(p).expanduser() for p in self.register]
-        missing = [str(p) for p in self.register if not p.is_dir()]
-        if missing:
-            raise ValueError(f"--register: no such directory: {', '.join(missing)}")
+        validate_options(self)
 
-    def engine_config(self) -> Any:
-        """The engine's ``EngineConfig`` (imported lazily: torch is heavy)."""
-        from prolora_serve.server.engine.engine import EngineConfig
+    @classmethod
+    def from_options(cls, **values: Any) -> "ServerConfig":
+        """Server and engine settings by name in one call, e.g. ``from_options(dtype="fp32",
+        port=0)``; the environment is not read (tests and embedding code set what they mean)."""
+        return from_sources(cls, values, environ={})
 
-        return EngineConfig(
-            model=self.model, dtype=self.dtype, device=self.device, max_batch=self.max_batch,
-            max_batched_tokens=self.max_batched_tokens, kv_cache_bytes=self.kv_cache_memory,
-            adapter_memory_bytes=self.adapter_memory, max_model_len=self.max_model_len,
-            max_queue=self.max_queue, cache_dir=self.cache_dir, adapter_dtype=self.adapter_dtype,
-            kv_cache_dtype=self.kv_cache_dtype,
-        )
+
+@dataclass
+class RemoteConfig:
+    """How the remote ``adapters`` commands reach a server."""
+
+    url: str = option("http://127.0.0.1:8000", help="server URL")
+    api_key: str | None = option(None, parse=optional_text, optional=True, help="API key")
+    admin_key: str | None = option(None, parse=optional_text, optional=True,
+                                   help="admin key (uploads and deletes)")
+
+    def __post_init__(self) -> None:
+        validate_options(self)

@@ -27,7 +27,7 @@ CONFIG = ProLoRAConfig(r=8, unshared_r=2, reduce_lora_A_x=2, reduce_lora_B_x=2, 
 @pytest.fixture(scope="module")
 def server(live_server, tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("clients")
-    server = live_server(ServerConfig(model=str(tiny_llama_dir), dtype="fp32",
+    server = live_server(ServerConfig.from_options(model=str(tiny_llama_dir), dtype="fp32",
                                       adapter_dir=root / "adapters", adapter_memory=8 << 20,
                                       kv_cache_memory=8 << 20, max_model_len=128,
                                       admin_key=ADMIN_KEY))
@@ -114,8 +114,8 @@ def test_cli_reads_settings_from_env(monkeypatch, tmp_path) -> None:
     (tmp_path / "b").mkdir()
     args = cli.build_parser().parse_args(["serve", "--port", "9000", "--kv-cache-memory", "64MiB"])
     config = cli.server_config(args)
-    assert config.adapter_memory == 10**9 and config.port == 9000  # the flag wins over the env
-    assert config.kv_cache_memory == 64 << 20 and config.dtype == "nf4" and config.model is None
+    assert config.engine.adapter_memory == 10**9 and config.port == 9000  # the flag wins over the env
+    assert config.engine.kv_cache_memory == 64 << 20 and config.engine.dtype == "nf4" and config.engine.model is None
     assert config.register == [tmp_path / "a", tmp_path / "b"]
     assert config.adapter_dir == tmp_path / "xdg" / "prolora-serve" / "adapters"
 

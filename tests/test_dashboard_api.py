@@ -265,7 +265,7 @@ def start_real_server(live_server: Any, model_dir: Path, root: Path, **overrides
 
     settings = dict(model=str(model_dir), dtype="fp32", adapter_dir=root / "adapters",
                     adapter_memory=16 * MiB, kv_cache_memory=16 * MiB, max_batch=4, max_model_len=128)
-    server = live_server(ServerConfig(**{**settings, **overrides}))
+    server = live_server(ServerConfig.from_options(**{**settings, **overrides}))
     registry = server.app.state.registry
     for seed, (adapter_id, config) in enumerate(REAL_ADAPTERS.items()):
         path = root / f"{adapter_id}.safetensors"

@@ -52,8 +52,8 @@ class Tiny:
         return LoadedModel(model, self.tokenizer, self.config, "tiny", 0, eos_ids, "fp32")
 
     def engine(self, eos: list[int] | None = None, **overrides) -> LLMEngine:
-        options = dict(dtype="fp32", kv_cache_bytes=4 << 20, max_batched_tokens=64,
-                       adapter_memory_bytes=64 << 20)
+        options = dict(dtype="fp32", kv_cache_memory=4 << 20, max_batched_tokens=64,
+                       adapter_memory=64 << 20)
         options.update(overrides)
         return LLMEngine(EngineConfig(**options), self.loaded(eos), FakeSource(self.adapters))
 
@@ -236,7 +236,7 @@ def test_preemption_under_a_tiny_kv_cache_keeps_outputs_identical(tiny: Tiny) ->
     requests = [Request(f"p{i}", prompt_ids(tiny, 10 + i, seed=200 + i), greedy(20),
                         ["pro-a", None, "lora-a"][i % 3]) for i in range(6)]
     block_bytes = 2 * 2 * 4 * 2 * 16 * 4  # layers * k/v * block_size * kv_heads * head_dim * fp32
-    engine = tiny.engine(kv_cache_bytes=24 * block_bytes, block_size=4)
+    engine = tiny.engine(kv_cache_memory=24 * block_bytes, block_size=4)
     together = run(engine, requests)
     assert engine.stats().num_preemptions > 0
     for r in requests:
@@ -395,7 +395,7 @@ def test_closing_the_stream_early_or_cancelling_aborts(tiny: Tiny) -> None:
 
 
 def test_async_errors_are_raised_to_the_caller(tiny: Tiny) -> None:
-    engine = async_engine(tiny, adapter_memory_bytes=1000)
+    engine = async_engine(tiny, adapter_memory=1000)
     try:
         with pytest.raises(UnknownAdapterError):
             asyncio.run(consume(engine, "u", "hi", greedy(), "missing"))
@@ -438,7 +438,7 @@ def test_default_fp32_model_matches_hf_generate(default_model_dir) -> None:
 
     loaded = load_base_model(None, "fp32")
     hf = LlamaForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
-    engine = LLMEngine(EngineConfig(dtype="fp32", kv_cache_bytes=32 << 20), loaded)
+    engine = LLMEngine(EngineConfig(dtype="fp32", kv_cache_memory=32 << 20), loaded)
     prompts = ["The capital of France is", "def fibonacci(n):"]
     results = run(engine, [Request(str(i), p, greedy(8)) for i, p in enumerate(prompts)])
     for i, prompt in enumerate(prompts):
@@ -447,7 +447,7 @@ def test_default_fp32_model_matches_hf_generate(default_model_dir) -> None:
 
 @pytest.mark.slow
 def test_default_nf4_model_knows_the_capital_of_france(default_model_nf4) -> None:
-    engine = AsyncLLMEngine(LLMEngine(EngineConfig(kv_cache_bytes=32 << 20), default_model_nf4))
+    engine = AsyncLLMEngine(LLMEngine(EngineConfig(kv_cache_memory=32 << 20), default_model_nf4))
     engine.start()
     try:
         prompt = engine.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])

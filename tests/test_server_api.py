@@ -46,7 +46,7 @@ def tiny_config(model_dir: Path, adapter_dir: Path, **overrides) -> ServerConfig
     settings = dict(model=str(model_dir), dtype="fp32", adapter_dir=adapter_dir,
                     adapter_memory=16 * MiB, kv_cache_memory=16 * MiB, max_batch=8,
                     max_model_len=256)
-    return ServerConfig(**{**settings, **overrides})
+    return ServerConfig.from_options(**{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")

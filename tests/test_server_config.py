@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -37,15 +38,15 @@ def test_parse_size_refuses_garbage(text) -> None:
 ])
 def test_server_config_validates(overrides, message) -> None:
     with pytest.raises(ValueError, match=message):
-        ServerConfig(**overrides)
+        ServerConfig.from_options(**overrides)
 
 
 def test_empty_keys_mean_no_key_and_engine_config_carries_the_settings(tmp_path) -> None:
-    config = ServerConfig(api_key="", admin_key="", adapter_memory=3 << 20, kv_cache_memory=5 << 20,
+    config = ServerConfig.from_options(api_key="", admin_key="", adapter_memory=3 << 20, kv_cache_memory=5 << 20,
                           max_batch=4, max_model_len=64, adapter_dir=tmp_path)
     assert config.api_key is None and config.admin_key is None
-    engine = config.engine_config()
-    assert (engine.adapter_memory_bytes, engine.kv_cache_bytes, engine.max_batch,
+    engine = config.engine
+    assert (engine.adapter_memory, engine.kv_cache_memory, engine.max_batch,
             engine.max_model_len, engine.dtype, engine.model) == (3 << 20, 5 << 20, 4, 64, "nf4", None)
 
 
@@ -93,8 +94,8 @@ def test_adapter_dtype_resolution(option: str, base: str, compute: torch.dtype,
 
 def test_adapter_dtype_is_validated_and_reaches_the_engine() -> None:
     with pytest.raises(ValueError, match="adapter_dtype"):
-        ServerConfig(adapter_dtype="fp8")
-    assert ServerConfig(adapter_dtype="bf16").engine_config().adapter_dtype == "bf16"
+        ServerConfig.from_options(adapter_dtype="fp8")
+    assert ServerConfig.from_options(adapter_dtype="bf16").engine.adapter_dtype == "bf16"
 
 
 def test_adapter_dtype_choices_match_the_engine_dtypes() -> None:
@@ -110,17 +111,119 @@ def test_kv_cache_dtype_is_validated_resolved_and_sizes_the_cache() -> None:
     from prolora_serve.server.engine.model import LlamaModel
 
     with pytest.raises(ValueError, match="kv_cache_dtype"):
-        ServerConfig(kv_cache_dtype="fp8")
+        ServerConfig.from_options(kv_cache_dtype="fp8")
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineConfig(kv_cache_dtype="int4")
-    assert ServerConfig(kv_cache_dtype="fp16").engine_config().kv_cache_dtype == "fp16"
+    assert ServerConfig.from_options(kv_cache_dtype="fp16").engine.kv_cache_dtype == "fp16"
     assert resolve_kv_cache_dtype("auto", torch.float32) == torch.float32
     assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
     assert resolve_kv_cache_dtype("bf16", torch.float32) == torch.bfloat16
     model = LlamaModel(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
-    config = EngineConfig(kv_cache_bytes=1 << 20, block_size=16)
+    config = EngineConfig(kv_cache_memory=1 << 20, block_size=16)
     # 2 layers x (K, V) x 16 slots x 2 heads x 8 dims = 1024 elements: 4096 bytes a block in
     # fp32, 2048 in fp16, so the same budget holds twice the tokens
     assert LLMEngine._num_blocks(config, model, torch.float32) == 256  # noqa: SLF001
     assert LLMEngine._num_blocks(config, model, torch.float16) == 512  # noqa: SLF001
+
+
+# --- every option, from its one declaration ----------------------------------------------------
+from prolora_serve.server import config as settings  # noqa: E402
+
+# Settings that accept any text at start-up (a model path, a host, a key) have no bad value.
+FREE_TEXT = {"model", "host", "adapter_dir", "cache_dir", "api_key", "admin_key", "url"}
+
+
+def _bad_texts(opt: settings.Option) -> list[str]:
+    """Flag/variable texts the option must refuse, derived from how it parses and checks."""
+    if opt.choices is not None:
+        return ["not-a-choice"]
+    if opt.parse is settings.parse_size:
+        return ["lots", "0"]
+    if opt.parse is int:
+        return ["x", "0" if opt.check is settings.positive else "70000"]
+    if opt.parse is settings.parse_bool:
+        return ["maybe"]
+    if opt.check is settings.existing_directories:
+        return ["/no/such/dir"]
+    if opt.check is settings.device_name:
+        return ["tpu"]
+    return []
+
+
+def _serve_parser():
+    parser = cli.build_parser()
+    return parser._subparsers._group_actions[0].choices["serve"]  # noqa: SLF001 - argparse internals
+
+
+@pytest.mark.parametrize("cls", [settings.ServerConfig, settings.RemoteConfig])
+def test_every_declared_option_has_flag_variable_help_and_refuses_bad_values(cls) -> None:
+    parser = _serve_parser() if cls is settings.ServerConfig else argparse_parent(cls)
+    actions = {action.dest: action for action in parser._actions}  # noqa: SLF001
+    declared = list(settings.declared_options(cls))
+    assert len(declared) >= (20 if cls is settings.ServerConfig else 3)
+    for f, opt in declared:
+        action = actions[f.name]
+        assert action.option_strings == [settings.flag_name(f.name)]
+        assert opt.help and settings.env_name(f.name) in action.help and "default:" in action.help
+        bad = _bad_texts(opt)
+        assert bool(bad) != (f.name in FREE_TEXT), f"{f.name}: add a bad value or mark it free text"
+        for text in bad:
+            with pytest.raises(ValueError, match=re.escape(settings.env_name(f.name))):
+                settings.from_sources(cls, {}, {settings.env_name(f.name): text})
+
+
+def argparse_parent(cls):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    settings.add_options(parser, cls)
+    return parser
+
+
+def test_bad_flag_values_name_the_flag(capsys) -> None:
+    for flag, text in (("--max-batch", "x"), ("--dtype", "fp8"), ("--port", "many")):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["serve", flag, text])
+        assert flag in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["serve", "--max-batch", "0"])
+    with pytest.raises(ValueError, match=r"max_batch \(--max-batch, PROLORA_SERVE_MAX_BATCH\)"):
+        cli.server_config(args)
+
+
+def test_code_values_get_the_same_checks_as_text() -> None:
+    from prolora_serve.server.engine.engine import EngineConfig
+
+    for value in (True, 0, -3, 2.5, "0"):
+        with pytest.raises(ValueError, match="max_batch"):
+            EngineConfig(max_batch=value)  # a bool is not a count (ServerConfig agreed; now both)
+    assert EngineConfig(max_batch="8").max_batch == 8
+    assert EngineConfig(adapter_backend="reference").adapter_backend == "reference"
+    with pytest.raises(ValueError, match="adapter_backend"):
+        EngineConfig(adapter_backend="cuda-magic")
+    with pytest.raises(ValueError, match="unknown settings: kv_cache_bytes"):
+        ServerConfig.from_options(kv_cache_bytes=1 << 20)
+
+
+def test_engine_settings_are_held_not_copied() -> None:
+    config = ServerConfig.from_options(max_batch=3, port=1234)
+    assert config.engine.max_batch == 3 and config.port == 1234
+    server_fields = {f.name for f in dataclasses.fields(ServerConfig)}
+    engine_fields = {f.name for f in dataclasses.fields(settings.EngineConfig)}
+    assert not server_fields & engine_fields
+
+
+def test_adapter_backend_choices_match_the_kernels() -> None:
+    from prolora_serve.kernels.interface import BACKEND_NAMES
+
+    assert settings.ADAPTER_BACKENDS == BACKEND_NAMES  # config.py stays torch-free
+
+
+def test_env_fills_what_flags_leave_and_flags_win(monkeypatch) -> None:
+    monkeypatch.setenv("PROLORA_SERVE_MAX_QUEUE", "7")
+    monkeypatch.setenv("PROLORA_SERVE_ADAPTER_BACKEND", "torch")
+    monkeypatch.setenv("PROLORA_SERVE_API_KEY", "")
+    args = cli.build_parser().parse_args(["serve", "--adapter-backend", "reference"])
+    config = cli.server_config(args)
+    assert config.engine.max_queue == 7 and config.engine.adapter_backend == "reference"
+    assert config.api_key is None

@@ -22,9 +22,9 @@ ADAPTER = ProLoRAConfig(r=8, unshared_r=1, reduce_lora_A_x=7, reduce_lora_B_x=7,
 @pytest.fixture(scope="module")
 def server(live_server, default_model_dir, tmp_path_factory):
     # default_model_dir converts the GGUF once; the server then finds it in the same cache.
-    config = ServerConfig(adapter_dir=tmp_path_factory.mktemp("default") / "adapters",
+    config = ServerConfig.from_options(adapter_dir=tmp_path_factory.mktemp("default") / "adapters",
                           adapter_memory=64 << 20, kv_cache_memory=64 << 20)
-    assert config.model is None and config.dtype == "nf4"
+    assert config.engine.model is None and config.engine.dtype == "nf4"
     server = live_server(config)
     yield server
     server.stop()

@@ -23,7 +23,7 @@ CONFIGS = [ProLoRAConfig(r=8, unshared_r=u, reduce_lora_A_x=2, reduce_lora_B_x=3
 def tiny(model_dir: Path, adapter_dir: Path, **overrides) -> ServerConfig:
     settings = dict(model=str(model_dir), dtype="fp32", adapter_dir=adapter_dir,
                     adapter_memory=16 * MiB, kv_cache_memory=8 * MiB, max_model_len=256)
-    return ServerConfig(**{**settings, **overrides})
+    return ServerConfig.from_options(**{**settings, **overrides})
 
 
 def linear_shapes(live_server, model_dir: Path, root: Path) -> dict:

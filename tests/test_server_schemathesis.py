@@ -20,7 +20,7 @@ EXAMPLES_PER_OPERATION = 25
 @pytest.fixture(scope="module")
 def fuzzed_server(live_server, tiny_llama_dir, tmp_path_factory):
     # A short context bounds the work any generated request can ask for.
-    config = ServerConfig(model=str(tiny_llama_dir), dtype="fp32",
+    config = ServerConfig.from_options(model=str(tiny_llama_dir), dtype="fp32",
                           adapter_dir=tmp_path_factory.mktemp("fuzz") / "adapters",
                           adapter_memory=4 << 20, kv_cache_memory=4 << 20, max_model_len=48,
                           max_batch=4, max_upload_size=1 << 20)

@@ -30,7 +30,7 @@ def auth(key: str | None) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def server(live_server, tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("uploads")
-    config = ServerConfig(model=str(tiny_llama_dir), dtype="fp32", adapter_dir=root / "adapters",
+    config = ServerConfig.from_options(model=str(tiny_llama_dir), dtype="fp32", adapter_dir=root / "adapters",
                           adapter_memory=8 << 20, kv_cache_memory=8 << 20, max_model_len=128,
                           max_upload_size=MAX_UPLOAD, api_key=API_KEY, admin_key=ADMIN_KEY)
     server = live_server(config)

@@ -54,7 +54,7 @@ class Runtime:
 def _build_engine(config: ServerConfig, source: DeferredAdapterSource) -> Any:
     from prolora_serve.server.engine.async_engine import AsyncLLMEngine
 
-    return AsyncLLMEngine.from_config(config.engine_config(), adapter_source=source)
+    return AsyncLLMEngine.from_config(config.engine, adapter_source=source)
 
 
 def open_runtime(config: ServerConfig, engine: Any = None,

@@ -60,8 +60,8 @@ class BenchConfig:
     rss_counts: tuple[int, ...] = (1, 100, 1000)
     peft: bool = True
     rounds: int = 3  # each scenario runs this often, interleaved; medians count
-    kv_cache_bytes: int = 128 * MIB
-    adapter_memory_bytes: int = 256 * MIB
+    kv_cache_memory: int = 128 * MIB
+    adapter_memory: int = 256 * MIB
     adapter_dtype: str = "auto"  # resident adapter weights (EngineConfig.adapter_dtype)
 
     def __post_init__(self) -> None:
@@ -131,8 +131,8 @@ def engine_scenario(name: str, loaded: LoadedModel, registry: AdapterRegistry, c
                     adapter_ids: list[str | None], texts: list[str]) -> Measurement:
     engine = LLMEngine(EngineConfig(dtype=loaded.dtype, max_batch=max(cfg.requests, 1),
                                     max_batched_tokens=max(512, cfg.requests),
-                                    kv_cache_bytes=cfg.kv_cache_bytes,
-                                    adapter_memory_bytes=cfg.adapter_memory_bytes,
+                                    kv_cache_memory=cfg.kv_cache_memory,
+                                    adapter_memory=cfg.adapter_memory,
                                     adapter_dtype=cfg.adapter_dtype), loaded, registry)
     warm = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     for i, adapter_id in enumerate(dict.fromkeys(adapter_ids)):  # reads adapters, warms kernels
@@ -264,7 +264,7 @@ def rss_child(root: Path, dtype: str) -> dict[str, Any]:
     started = time.perf_counter()
     registry = AdapterRegistry(root, loaded.model.linear_shapes())
     scan_seconds = time.perf_counter() - started
-    engine = LLMEngine(EngineConfig(dtype=dtype, kv_cache_bytes=64 * MIB), loaded, registry)
+    engine = LLMEngine(EngineConfig(dtype=dtype, kv_cache_memory=64 * MIB), loaded, registry)
     texts = prompts(loaded.tokenizer, 4)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     for i in range(4):

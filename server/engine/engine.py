@@ -12,13 +12,12 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence as Seq
 
 import torch
 
 from ...adapters.weights import ADAPTER_TORCH_DTYPES
-from ..config import ADAPTER_DTYPES, DTYPES, KV_CACHE_DTYPES, check_choice
+from ..config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, StopStringText, TokenTextCache
 from .errors import PromptTooLongError, QueueFullError, UnknownAdapterError
 from .kv_cache import BlockAllocator, KVCache
@@ -33,8 +32,6 @@ if TYPE_CHECKING:
     from .loader import LoadedModel
 
 logger = logging.getLogger(__name__)
-
-MIB = 1 << 20
 
 
 def resolve_adapter_dtype(adapter_dtype: str, base_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
@@ -53,39 +50,6 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, compute_dtype: torch.dtype) -> t
     """The KV cache's element type: ``auto`` is the model's compute dtype (exact); fp16/bf16
     round keys and values once when they are written."""
     return compute_dtype if kv_cache_dtype == "auto" else ADAPTER_TORCH_DTYPES[kv_cache_dtype]
-
-
-@dataclass
-class EngineConfig:
-    model: str | None = None  # None: the embedded default model
-    dtype: str = "nf4"
-    device: str = "cpu"
-    max_batch: int = 32  # running sequences
-    max_batched_tokens: int = 512  # token rows per step
-    block_size: int = 16
-    kv_cache_bytes: int = 256 * MIB
-    adapter_memory_bytes: int = 256 * MIB
-    max_model_len: int = 2048
-    max_queue: int = 1024
-    cache_dir: Path | None = None
-    adapter_backend: str = "auto"
-    adapter_dtype: str = "auto"  # resident adapter weights; auto: see resolve_adapter_dtype
-    kv_cache_dtype: str = "auto"  # auto: the model's compute dtype; see resolve_kv_cache_dtype
-
-    def __post_init__(self) -> None:
-        check_choice("dtype", self.dtype, DTYPES)
-        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
-        check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
-        for name in ("max_batch", "max_batched_tokens", "block_size", "max_model_len", "max_queue"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.kv_cache_bytes < 1:
-            raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
-        if self.adapter_memory_bytes < 0:
-            raise ValueError(f"adapter_memory_bytes must be >= 0, got {self.adapter_memory_bytes}")
-        if self.cache_dir is not None:
-            self.cache_dir = Path(self.cache_dir)
 
 
 @dataclass
@@ -166,7 +130,7 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, config.adapter_backend,
                                   adapter_dtype, kv_dtype)
         self.adapter_source = adapter_source
-        self.adapter_cache = (AdapterCache(self.runner.pool, config.adapter_memory_bytes, adapter_source)
+        self.adapter_cache = (AdapterCache(self.runner.pool, config.adapter_memory, adapter_source)
                               if adapter_source is not None else None)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_batch, config.max_batched_tokens, config.block_size),
@@ -191,9 +155,9 @@ class LLMEngine:
         kv_heads = hf.num_key_value_heads or hf.num_attention_heads
         per_block = KVCache.bytes_per_block(hf.num_hidden_layers, config.block_size, kv_heads,
                                             head_dim_of(hf), kv_dtype)
-        num_blocks = config.kv_cache_bytes // per_block
+        num_blocks = config.kv_cache_memory // per_block
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} is less than one KV block "
+            raise ValueError(f"kv_cache_memory={config.kv_cache_memory} is less than one KV block "
                              f"({per_block} bytes)")
         return num_blocks
 

@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..config import DTYPES
 from .packed_linear import PackedLinear, pack_float32_linears
 
-QUANT_DTYPES = ("nf4", "int8", "bf16", "fp32")
+
 NF4_BLOCKSIZE = 64
 CACHE_FORMAT = f"prolora-serve-quantized-1/bnb-{bnb.__version__}"
 
@@ -90,8 +91,8 @@ class Int8Linear(bnb.nn.Linear8bitLt):
 
 def compute_dtype_for(dtype: str, device: torch.device) -> torch.dtype:
     """The float dtype activations (and unquantized weights) use for a quantization option."""
-    if dtype not in QUANT_DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {QUANT_DTYPES}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {DTYPES}")
     if dtype == "fp32" or (dtype in ("nf4", "int8") and device.type == "cpu"):
         return torch.float32
     return torch.bfloat16
