@@ -4,16 +4,28 @@
 # the Hugging Face package that transformers and bitsandbytes probe for. Imported under that
 # name it defines nothing (no version, no symbols), so they treat that package as absent.
 if __name__ != "kernels":
-    from .interface import AdapterBackend, AdapterContext, get_backend
-    from .metadata import NO_ADAPTER, AdapterBatch, build_adapter_batch
+    from .attention import DecodeAttention, get_decode_attention, paged_attention
+    from .interface import AdapterBackend, AdapterContext, AdapterStep, get_backend
+    from .metadata import (NO_ADAPTER, AdapterApplier, AdapterBatch, AttentionMetadata, NoAdapters,
+                           SeqSlice, StepMetadata, build_adapter_batch, build_attention_metadata)
     from .pool import AdapterWeightPool
 
 __all__ = [
     "NO_ADAPTER",
+    "AdapterApplier",
     "AdapterBackend",
     "AdapterBatch",
     "AdapterContext",
+    "AdapterStep",
     "AdapterWeightPool",
+    "AttentionMetadata",
+    "DecodeAttention",
+    "NoAdapters",
+    "SeqSlice",
+    "StepMetadata",
     "build_adapter_batch",
+    "build_attention_metadata",
     "get_backend",
+    "get_decode_attention",
+    "paged_attention",
 ]

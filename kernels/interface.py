@@ -64,17 +64,29 @@ def _make_backend(name: str) -> AdapterBackend:
 
 
 class AdapterContext:
-    """What every adapted linear layer of a model shares: the pool, the backend, and the step."""
+    """What every adapted projection of a model shares: the pool and the backend, chosen once."""
 
     def __init__(self, pool: AdapterWeightPool, backend: AdapterBackend) -> None:
         self.pool = pool
         self.backend = backend
-        self.batch: AdapterBatch | None = None  # set by the engine before each forward
+
+    def for_step(self, batch: AdapterBatch) -> "AdapterStep":
+        return AdapterStep(self, batch)
+
+
+class AdapterStep:
+    """One step's adapter application: the shared pool and backend with this step's batch
+    (an ``AdapterApplier``, carried down the forward in ``StepMetadata.adapters``)."""
+
+    __slots__ = ("backend", "pool", "batch")
+
+    def __init__(self, ctx: AdapterContext, batch: AdapterBatch) -> None:
+        self.backend, self.pool, self.batch = ctx.backend, ctx.pool, batch
 
     def apply(self, module_path: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add each row's adapter delta to the base output ``y`` (same leading dims as ``x``)."""
         batch = self.batch
-        if batch is None or not batch.has_adapters:
+        if not batch.has_adapters:
             return
         if x.dim() != 2:  # the engine's rows are already flat; reshaping costs a microsecond
             x, y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])

@@ -50,13 +50,11 @@ def engine_prefill_logits(model, prompts: list[list[int]], slots: list[int], ada
                           pool_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """One mixed prefill step of several prompts, each row using its slot (or none)."""
     from prolora_serve.kernels import AdapterContext, AdapterWeightPool, build_adapter_batch, get_backend
-    from prolora_serve.server.engine.kv_cache import SeqSlice, build_attention_metadata
-    from prolora_serve.server.engine.model import install_adapter_layers
+    from prolora_serve.kernels.metadata import SeqSlice, StepMetadata, build_attention_metadata
 
     pool = AdapterWeightPool(torch.device("cpu"), pool_dtype)
     pool.load(0, adapter)
     ctx = AdapterContext(pool, get_backend("auto"))
-    install_adapter_layers(model, ctx)
     block_size = 16
     kv = model.make_kv_cache(num_blocks=sum(-(-len(p) // block_size) for p in prompts), block_size=block_size)
     tables, next_block = [], 0
@@ -65,10 +63,10 @@ def engine_prefill_logits(model, prompts: list[list[int]], slots: list[int], ada
         tables.append(list(range(next_block, next_block + count)))
         next_block += count
     meta = build_attention_metadata([SeqSlice(t, 0, len(p)) for t, p in zip(tables, prompts)], block_size)
-    ctx.batch = build_adapter_batch([slot for p, slot in zip(prompts, slots) for _ in p])
+    step = StepMetadata(meta, ctx.for_step(build_adapter_batch([slot for p, slot in zip(prompts, slots) for _ in p])))
     ids = torch.tensor([t for p in prompts for t in p])
     positions = torch.cat([torch.arange(len(p)) for p in prompts])
-    logits = model.compute_logits(model(ids, positions, meta, kv))
+    logits = model.compute_logits(model(ids, positions, step, kv))
     return list(torch.split(logits, [len(p) for p in prompts]))
 
 

@@ -8,10 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prolora_serve.kernels.testing import assert_close_for_dtype
-from prolora_serve.server.engine.attention import (fused_cpu_decode_attention, paged_attention,
-                                                   reference_attention, sdpa_decode_attention,
-                                                   select_decode_attention)
-from prolora_serve.server.engine.kv_cache import KVCache, SeqSlice, build_attention_metadata
+from prolora_serve.kernels.attention import (fused_cpu_decode_attention, get_decode_attention,
+                                             paged_attention, sdpa_decode_attention)
+from prolora_serve.kernels.reference import reference_attention
+from prolora_serve.kernels.metadata import SeqSlice, build_attention_metadata
+from prolora_serve.server.engine.kv_cache import KVCache
 
 DECODERS = {"fused": fused_cpu_decode_attention, "sdpa": sdpa_decode_attention}
 # (q_heads, kv_heads, head_dim, block_size): GQA 3:1, MHA, MQA with > 8 heads per kv head (two
@@ -141,10 +142,13 @@ def test_fused_decode_refuses_a_query_of_another_16bit_dtype_in_the_kernel() -> 
 
 
 def test_decoder_is_chosen_by_device_and_dtype() -> None:
-    assert select_decode_attention("cpu", torch.float32) is fused_cpu_decode_attention
-    assert select_decode_attention("cpu", torch.bfloat16) is fused_cpu_decode_attention
-    assert select_decode_attention("cpu", torch.float64) is sdpa_decode_attention
-    assert select_decode_attention("cuda", torch.float16) is sdpa_decode_attention
+    for device, dtype, name, run in (("cpu", torch.float32, "cpu", fused_cpu_decode_attention),
+                                     ("cpu", torch.bfloat16, "cpu", fused_cpu_decode_attention),
+                                     ("cpu", torch.float64, "sdpa", sdpa_decode_attention),
+                                     ("cuda", torch.float16, "sdpa", sdpa_decode_attention)):
+        chosen = get_decode_attention(device, dtype)
+        assert chosen.name == name and chosen.run is run
+    assert KVCache(1, 2, 4, 1, 8, dtype=torch.float16).decode_attention.name == "cpu"
 
 
 def test_fused_decode_refuses_block_ids_outside_the_cache() -> None:

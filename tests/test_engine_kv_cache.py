@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prolora_serve.server.engine.kv_cache import (BlockAllocator, KVCache, SeqSlice,
-                                                  build_attention_metadata)
+from prolora_serve.kernels.metadata import SeqSlice, build_attention_metadata
+from prolora_serve.server.engine.kv_cache import BlockAllocator, KVCache
 
 # (sequences, block_size, expected slot_mapping, context_lens, query_starts, decode, prefill)
 TABLES = [

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from prolora_serve.server.engine import default_model, quantize
-from prolora_serve.server.engine.kv_cache import SeqSlice, build_attention_metadata
+from prolora_serve.kernels.metadata import SeqSlice, StepMetadata, build_attention_metadata
 from prolora_serve.server.engine.loader import LoadedModel, load_base_model
 from prolora_serve.server.engine.packed_linear import PackedLinear
 
@@ -44,7 +44,7 @@ def prefill_logits(loaded: LoadedModel, tokens: list[int]) -> torch.Tensor:
     model = loaded.model
     kv = model.make_kv_cache(num_blocks=4, block_size=8)
     meta = build_attention_metadata([SeqSlice([2, 0, 3], 0, len(tokens))], 8)
-    hidden = model(torch.tensor(tokens), torch.arange(len(tokens)), meta, kv)
+    hidden = model(torch.tensor(tokens), torch.arange(len(tokens)), StepMetadata(meta), kv)
     return model.compute_logits(hidden)
 
 
@@ -250,7 +250,7 @@ def greedy(loaded: LoadedModel, prompt: list[int], max_tokens: int) -> list[int]
     table, cached, new, out = [5, 1, 7, 0, 2, 6, 3, 4], 0, list(prompt), []
     for _ in range(max_tokens):
         meta = build_attention_metadata([SeqSlice(table, cached, len(new))], block_size)
-        hidden = model(torch.tensor(new), torch.arange(cached, cached + len(new)), meta, kv)
+        hidden = model(torch.tensor(new), torch.arange(cached, cached + len(new)), StepMetadata(meta), kv)
         token = int(model.compute_logits(hidden[-1:]).argmax(-1))
         if token in loaded.eos_token_ids:
             break

@@ -13,9 +13,11 @@ from prolora_serve.adapters.dense import delta_weight
 from prolora_serve.adapters.weights import CompactAdapter, CompactLinearWeights
 from prolora_serve.kernels import (NO_ADAPTER, AdapterContext, AdapterWeightPool,
                                    build_adapter_batch, get_backend)
-from prolora_serve.server.engine.attention import paged_attention, reference_attention
-from prolora_serve.server.engine.kv_cache import KVCache, SeqSlice, build_attention_metadata
-from prolora_serve.server.engine.model import AdapterLinear, LlamaModel, install_adapter_layers
+from prolora_serve.kernels.attention import paged_attention
+from prolora_serve.kernels.reference import reference_attention
+from prolora_serve.kernels.metadata import SeqSlice, StepMetadata, build_attention_metadata
+from prolora_serve.server.engine.kv_cache import KVCache
+from prolora_serve.server.engine.model import LlamaModel
 
 ATOL = 2e-4
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
@@ -62,9 +64,11 @@ def run_step(model: LlamaModel, kv: KVCache, work: list[tuple[Seq, int]],
     meta = build_attention_metadata(slices, kv.block_size)
     ids = torch.tensor([t for s, n in work for t in s.tokens[s.num_cached:s.num_cached + n]])
     positions = torch.cat([torch.arange(s.num_cached, s.num_cached + n) for s, n in work])
+    step = StepMetadata(meta)
     if ctx is not None:
-        ctx.batch = build_adapter_batch([slot for (_, n), slot in zip(work, slots) for _ in range(n)])
-    logits = model.compute_logits(model(ids, positions, meta, kv))
+        rows = [slot for (_, n), slot in zip(work, slots) for _ in range(n)]
+        step = StepMetadata(meta, ctx.for_step(build_adapter_batch(rows)))
+    logits = model.compute_logits(model(ids, positions, step, kv))
     row = 0
     for seq, n in work:
         seq.logits.extend(logits[row:row + n])
@@ -211,8 +215,6 @@ def test_adapter_rows_in_one_batch_match_hf_with_each_delta_merged() -> None:
     for slot, adapter in adapters.items():
         pool.load(slot, adapter)
     ctx = AdapterContext(pool, get_backend("torch"))
-    assert install_adapter_layers(ours, ctx) == 21
-    assert isinstance(ours.get_submodule("model.layers.1.mlp.up_proj"), AdapterLinear)
     kv = ours.make_kv_cache(num_blocks=20, block_size=4)
     seqs = [Seq(random_tokens(n + 3, seed=n), t)
             for n, t in ((9, [4, 12, 0]), (6, [7, 1, 16]), (11, [19, 2, 9, 15]))]
@@ -228,13 +230,26 @@ def test_adapter_rows_in_one_batch_match_hf_with_each_delta_merged() -> None:
         assert_matches_hf(hf, seqs[0])
 
 
-def test_install_adapter_layers_twice_rebinds_instead_of_nesting() -> None:
+class RecordingApplier:
+    """Sees every projection of a step: its path and the shapes of its input and output."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int]] = []
+
+    def apply(self, module_path: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.calls.append((module_path, x.shape[-1], y.shape[-1]))
+
+
+def test_the_step_value_reaches_every_projection_with_its_checkpoint_path() -> None:
     ours = LlamaModel(CONFIGS["default_rope_untied"])
-    first, second = AdapterContext(AdapterWeightPool(), get_backend("torch")), object()
-    install_adapter_layers(ours, first)
-    install_adapter_layers(ours, second)
-    layer = ours.get_submodule("model.layers.0.self_attn.q_proj")
-    assert layer.ctx is second and isinstance(layer.base, torch.nn.Linear)
+    kv = ours.make_kv_cache(num_blocks=4, block_size=4)
+    meta = build_attention_metadata([SeqSlice([0, 1], 0, 5)], kv.block_size)
+    recorder = RecordingApplier()
+    with torch.inference_mode():
+        ours(torch.arange(5), torch.arange(5), StepMetadata(meta, recorder), kv)
+    shapes = ours.linear_shapes()
+    assert len(recorder.calls) == len(shapes) == 21  # 3 layers x 7 projections, each once
+    assert {path: (h, o) for path, h, o in recorder.calls} == shapes
 
 
 # ----- the embedded default model (SmolLM2-135M-Instruct) against transformers -----

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from prolora_serve.adapters.config import LayerSpec, ProLoRAConfig
 from prolora_serve.adapters.dense import apply_dense
 from prolora_serve.adapters.weights import CompactAdapter, CompactLinearWeights
-from prolora_serve.kernels import (NO_ADAPTER, AdapterContext, AdapterWeightPool, build_adapter_batch,
+from prolora_serve.kernels import (NO_ADAPTER, AdapterContext, AdapterWeightPool, NoAdapters, build_adapter_batch,
                                    get_backend)
 from prolora_serve.kernels.plan import SEGMENT_MIN_ROWS, build_module_plan, rotation_tables
 from prolora_serve.kernels.testing import assert_close_for_dtype
@@ -199,15 +199,15 @@ def test_pool_bytes_are_compact_and_released(pool) -> None:
 def test_context_applies_and_checks_rows(pool) -> None:
     ctx = AdapterContext(pool, get_backend("torch"))
     x, y = torch.randn(2, 24), torch.zeros(2, 36)
-    ctx.apply("model.layers.0.self_attn.q_proj", x, y)  # no batch set: no-op
+    NoAdapters().apply("model.layers.0.self_attn.q_proj", x, y)  # a base-only step: no-op
+    ctx.for_step(build_adapter_batch([NO_ADAPTER, NO_ADAPTER])).apply("model.layers.0.self_attn.q_proj", x, y)
     assert torch.count_nonzero(y) == 0
-    ctx.batch = build_adapter_batch([0, NO_ADAPTER])
-    ctx.apply("model.layers.0.self_attn.q_proj", x, y)
+    step = ctx.for_step(build_adapter_batch([0, NO_ADAPTER]))
+    step.apply("model.layers.0.self_attn.q_proj", x, y)
     assert torch.count_nonzero(y[0]) > 0 and torch.count_nonzero(y[1]) == 0
-    ctx.apply("model.layers.0.self_attn.not_adapted", x, y)  # module without adapters: no-op
-    ctx.batch = build_adapter_batch([0])
+    step.apply("model.layers.0.self_attn.not_adapted", x, y)  # module without adapters: no-op
     with pytest.raises(ValueError, match="rows"):
-        ctx.apply("model.layers.0.self_attn.q_proj", x, y)
+        ctx.for_step(build_adapter_batch([0])).apply("model.layers.0.self_attn.q_proj", x, y)
 
 
 def test_get_backend_rejects_unknown_name() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 
-from .kv_cache import SeqSlice, blocks_needed, build_attention_metadata
+from ...kernels.metadata import SeqSlice, StepMetadata, blocks_needed, build_attention_metadata
 from .loader import LoadedModel, default_model_hf_dir, load_base_model
 from .quantize import Int8Linear
 
@@ -40,14 +40,14 @@ def decode_step_times(loaded: LoadedModel, batch: int, context: int, steps: int)
     vocab = loaded.hf_config.vocab_size
     for table in tables:  # prefill each sequence's context
         meta = build_attention_metadata([SeqSlice(table, 0, context)], block_size)
-        model(torch.randint(0, vocab, (context,)), torch.arange(context), meta, kv)
+        model(torch.randint(0, vocab, (context,)), torch.arange(context), StepMetadata(meta), kv)
     times = []
     for step in range(steps):
         cached = context + step
         meta = build_attention_metadata([SeqSlice(t, cached, 1) for t in tables], block_size)
         ids, positions = torch.randint(0, vocab, (batch,)), torch.full((batch,), cached)
         started = time.perf_counter()
-        model.compute_logits(model(ids, positions, meta, kv))
+        model.compute_logits(model(ids, positions, StepMetadata(meta), kv))
         times.append(time.perf_counter() - started)
     return times[1:]  # the first step warms caches
 

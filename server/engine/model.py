@@ -1,22 +1,25 @@
 """A compact LLaMA forward over flattened mixed batches with a paged KV cache (gpt-fast style).
 
 Attribute names mirror Hugging Face's ``LlamaForCausalLM`` so its safetensors load by name and
-module paths (``model.layers.0.self_attn.q_proj``) are the ones adapters are keyed by. Adapters
-enter by module swapping (``install_adapter_layers``), never by branches inside the model.
+module paths (``model.layers.0.self_attn.q_proj``) are the ones adapters are keyed by.
+
+The forward takes the step's one value, ``StepMetadata``: its attention metadata for the paged
+KV cache and its adapter applier. Every projection is ``project(layer, x, step)``: the base layer
+(float, NF4 or int8, swapped in by ``quantize.py``) plus each row's adapter delta, unmerged. A
+base-only step carries ``NoAdapters``, so the model never branches on adapters.
 """
 
 from __future__ import annotations
-
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
 
-from .attention import paged_attention
-from .kv_cache import AttentionMetadata, KVCache
+from ...kernels import StepMetadata, paged_attention
+from .kv_cache import KVCache
 from .rope import RotaryEmbedding, apply_rotary
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
@@ -28,6 +31,18 @@ class RMSNorm(nn.Module):
         # Normalise in float32 like the reference, then scale in the model dtype.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * normed
+
+
+def module_paths(layer_idx: int, block: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Checkpoint paths of a layer's projections: the keys adapters are stored under."""
+    return tuple(f"model.layers.{layer_idx}.{block}.{name}" for name in names)
+
+
+def project(layer: nn.Module, path: str, x: torch.Tensor, step: StepMetadata) -> torch.Tensor:
+    """A projection of the step: its base layer, then each row's adapter delta added in place."""
+    y = layer(x)
+    step.adapters.apply(path, x, y)
+    return y
 
 
 def head_dim_of(config: LlamaConfig) -> int:
@@ -47,44 +62,49 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.paths = module_paths(layer_idx, "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                attn: AttentionMetadata, kv: KVCache) -> torch.Tensor:
-        tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+                step: StepMetadata, kv: KVCache) -> torch.Tensor:
+        tokens, (q_path, k_path, v_path, o_path) = x.shape[0], self.paths
+        q = project(self.q_proj, q_path, x, step).view(tokens, self.num_heads, self.head_dim)
+        k = project(self.k_proj, k_path, x, step).view(tokens, self.num_kv_heads, self.head_dim)
+        v = project(self.v_proj, v_path, x, step).view(tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = paged_attention(q, k, v, kv.keys[self.layer_idx], kv.values[self.layer_idx], attn,
-                              self.scale)
-        return self.o_proj(out.reshape(tokens, -1))
+        out = paged_attention(q, k, v, kv.keys[self.layer_idx], kv.values[self.layer_idx],
+                              step.attention, self.scale, kv.decode_attention)
+        return project(self.o_proj, o_path, out.reshape(tokens, -1), step)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
         bias = bool(getattr(config, "mlp_bias", False))
         self.gate_proj = nn.Linear(hidden, inner, bias=bias)
         self.up_proj = nn.Linear(hidden, inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
+        self.paths = module_paths(layer_idx, "mlp", ("gate_proj", "up_proj", "down_proj"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, step: StepMetadata) -> torch.Tensor:
+        gate_path, up_path, down_path = self.paths
+        inner = (F.silu(project(self.gate_proj, gate_path, x, step))
+                 * project(self.up_proj, up_path, x, step))
+        return project(self.down_proj, down_path, inner, step)
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_idx)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                attn: AttentionMetadata, kv: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, attn, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                step: StepMetadata, kv: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, step, kv)
+        return x + self.mlp(self.post_attention_layernorm(x), step)
 
 
 class LlamaDecoder(nn.Module):
@@ -100,7 +120,7 @@ class LlamaDecoder(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """``model(input_ids (T,), positions (T,), attn, kv) -> hidden (T, hidden_size)``."""
+    """``model(input_ids (T,), positions (T,), step, kv) -> hidden (T, hidden_size)``."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -118,12 +138,12 @@ class LlamaModel(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step: StepMetadata,
                 kv: KVCache) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, rope, attn, kv)
+            x = layer(x, rope, step, kv)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -150,42 +170,3 @@ class LlamaModel(nn.Module):
                   "mlp.down_proj": (inner, hidden)}
         return {f"model.layers.{i}.{name}": shape
                 for i in range(config.num_hidden_layers) for name, shape in shapes.items()}
-
-
-class AdapterApplier(Protocol):
-    """What AdapterLinear needs from ``prolora_serve.kernels.AdapterContext``."""
-
-    def apply(self, module_path: str, x: torch.Tensor, y: torch.Tensor) -> None: ...
-
-
-class AdapterLinear(nn.Module):
-    """A base projection (float, NF4 or int8) plus each row's adapter delta, unmerged."""
-
-    def __init__(self, base: nn.Module, module_path: str, ctx: AdapterApplier) -> None:
-        super().__init__()
-        self.base = base
-        self.module_path = module_path
-        self.ctx = ctx
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        self.ctx.apply(self.module_path, x, y)
-        return y
-
-
-def install_adapter_layers(model: LlamaModel, ctx: AdapterApplier) -> int:
-    """Wrap every q/k/v/o/gate/up/down projection in an AdapterLinear; returns how many.
-
-    Idempotent: an already wrapped projection gets the new context instead of a second wrapper.
-    """
-    wrapped = 0
-    for path in model.linear_shapes():
-        parent_path, name = path.rsplit(".", 1)
-        parent = model.get_submodule(parent_path)
-        current = getattr(parent, name)
-        if isinstance(current, AdapterLinear):
-            current.ctx = ctx
-        else:
-            setattr(parent, name, AdapterLinear(current, path, ctx))
-        wrapped += 1
-    return wrapped

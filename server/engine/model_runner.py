@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...kernels import NO_ADAPTER, AdapterContext, AdapterWeightPool, build_adapter_batch, get_backend
-from .kv_cache import SeqSlice, build_attention_metadata
-from .model import LlamaModel, install_adapter_layers
+from ...kernels import (NO_ADAPTER, AdapterContext, AdapterWeightPool, SeqSlice, StepMetadata,
+                        build_adapter_batch, build_attention_metadata, get_backend)
+from .client import KernelBackends
+from .model import LlamaModel
 from .scheduler import ScheduledChunk
 
 
@@ -58,21 +59,23 @@ class ModelRunner:
         self.kv_cache = model.make_kv_cache(num_blocks, block_size, kv_cache_dtype)
         self.pool = AdapterWeightPool(model.device, adapter_dtype or model.dtype)
         self.adapter_ctx = AdapterContext(self.pool, get_backend(adapter_backend, model.device, model.dtype))
-        install_adapter_layers(model, self.adapter_ctx)
+        self.backends = KernelBackends(adapter=self.adapter_ctx.backend.name,
+                                       decode_attention=self.kv_cache.decode_attention.name)
+
+    def step_metadata(self, chunks: list[ScheduledChunk], flat: FlatBatch) -> StepMetadata:
+        """The step's one value: attention metadata and this step's adapter batch."""
+        device = self.model.device
+        attention = build_attention_metadata(
+            [SeqSlice(c.seq.block_table, c.start, c.num_tokens) for c in chunks],
+            self.block_size, device)
+        return StepMetadata(attention, self.adapter_ctx.for_step(build_adapter_batch(flat.row_slots, device)))
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> StepLogits:
         device = self.model.device
         flat = flatten(chunks)
-        attn = build_attention_metadata(
-            [SeqSlice(c.seq.block_table, c.start, c.num_tokens) for c in chunks],
-            self.block_size, device)
-        self.adapter_ctx.batch = build_adapter_batch(flat.row_slots, device)
-        try:
-            hidden = self.model(flat.input_ids.to(device), flat.positions.to(device), attn,
-                                self.kv_cache)
-        finally:
-            self.adapter_ctx.batch = None
+        hidden = self.model(flat.input_ids.to(device), flat.positions.to(device),
+                            self.step_metadata(chunks, flat), self.kv_cache)
         rows = torch.tensor(flat.last_rows, dtype=torch.int64, device=device)
         return StepLogits(self.model.compute_logits(hidden.index_select(0, rows)),
                           self._prompt_logits(chunks, hidden))

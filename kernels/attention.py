@@ -4,27 +4,47 @@ Grouped-query attention without repeating K/V: the ``G = q_heads / kv_heads`` qu
 share a key/value head are laid out as G query rows of that head (head ``h`` uses kv head
 ``h // G``, as Hugging Face's ``repeat_kv`` does).
 
-Decode rows go through one ``DecodeAttention`` chosen once per (device, dtype): the fused C++
-kernel on the CPU (reads the paged cache in place), else torch SDPA over a gathered copy.
+Decode rows go through one ``DecodeAttention`` chosen once per (device, cache dtype) by
+``get_decode_attention``: the fused C++ kernel on the CPU (``cpu``: reads the paged cache in
+place), else torch SDPA over a gathered copy (``sdpa``). ``reference.reference_attention`` is the
+float64 check beside them.
+
+Semantics (decode, one new token per sequence s, q: (S, Hq, D), caches (blocks, bs, Hkv, D)):
+    keys_s = key_cache[slots of block_tables[s], first context_lens[s] positions]   # (L_s, Hkv, D)
+    out[s, h] = softmax(scale * keys_s[:, h // G] @ q[s, h]) @ values_s[:, h // G]
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ...kernels.cpu_extension import ELEMENT_TYPE_CODES, load_extension
-from .kv_cache import AttentionMetadata
+from .cpu_extension import ELEMENT_TYPE_CODES, load_extension
+from .metadata import AttentionMetadata
 
 log = logging.getLogger(__name__)
+DECODE_ATTENTION_NAMES = ("cpu", "sdpa")
 
 # (q (Sd, Hq, D), key_cache, value_cache, meta, scale) -> (Sd, Hq, D): decode rows' attention.
-DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float],
-                           torch.Tensor]
+DecodeFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float],
+                          torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DecodeAttention:
+    """One decode-attention implementation and its name (shown on /health)."""
+
+    name: str
+    run: DecodeFunction
+
+    def __call__(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        return self.run(q, key_cache, value_cache, meta, scale)
 
 
 def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -36,10 +56,12 @@ def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
-                    value_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q (T, Hq, D), new k/v (T, Hkv, D) -> attention output (T, Hq, D); writes k/v to the cache."""
+                    value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    decode: DecodeAttention | None = None) -> torch.Tensor:
+    """q (T, Hq, D), new k/v (T, Hkv, D) -> attention output (T, Hq, D); writes k/v to the cache.
+    ``decode``: the decode kernel chosen once for this cache (default: ``get_decode_attention``)."""
     write_kv(key_cache, value_cache, k, v, meta.slot_mapping)
-    decode = select_decode_attention(key_cache.device.type, key_cache.dtype)
+    decode = decode or get_decode_attention(key_cache.device.type, key_cache.dtype)
     if len(meta.decode_seqs) == meta.num_tokens:  # pure decode step: rows are the sequences
         return decode(q, key_cache, value_cache, meta, scale)
     out = torch.empty_like(q)
@@ -53,17 +75,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache
 
 
 @lru_cache(maxsize=None)
-def select_decode_attention(device_type: str, dtype: torch.dtype) -> DecodeAttention:
-    """The fused kernel for CPU caches of float32/bfloat16/float16, SDPA otherwise (or where the
-    kernel cannot be built: both compute the same attention)."""
+def get_decode_attention(device_type: str, dtype: torch.dtype) -> DecodeAttention:
+    """Chosen once per (device, cache dtype): the fused kernel for CPU caches of
+    float32/bfloat16/float16, SDPA otherwise (or where the kernel cannot be built: both compute
+    the same attention; the fallback is logged and shown by name)."""
     if device_type != "cpu" or dtype not in ELEMENT_TYPE_CODES:
-        return sdpa_decode_attention
+        return SDPA_DECODE
     try:
         load_extension()
     except Exception as err:  # no compiler / headers
         log.warning("fused CPU decode attention unavailable (%s); using torch SDPA", err)
-        return sdpa_decode_attention
-    return fused_cpu_decode_attention
+        return SDPA_DECODE
+    return FUSED_CPU_DECODE
 
 
 def fused_cpu_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -117,24 +140,5 @@ def _chunk_causal_mask(num_new: int, context_len: int, device: torch.device) -> 
     return torch.arange(context_len, device=device).unsqueeze(0) <= query_pos
 
 
-def reference_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Float64, one token at a time, read back from the (already written) cache via block tables."""
-    q_heads, kv_heads = q.shape[1], key_cache.shape[2]
-    out = torch.empty(q.shape, dtype=torch.float64)
-    for seq in range(meta.num_seqs):
-        context_len = meta.context_lens[seq]
-        positions = torch.arange(context_len)
-        table = torch.tensor(meta.block_tables[seq], dtype=torch.int64)
-        slots = table[positions // meta.block_size] * meta.block_size + positions % meta.block_size
-        keys = key_cache.reshape(-1, kv_heads, q.shape[2])[slots].double()
-        values = value_cache.reshape(-1, kv_heads, q.shape[2])[slots].double()
-        first_new = context_len - meta.query_lens[seq]
-        for i in range(meta.query_lens[seq]):
-            row = meta.query_starts[seq] + i
-            for head in range(q_heads):
-                kv_head = head // (q_heads // kv_heads)
-                visible = first_new + i + 1
-                scores = keys[:visible, kv_head] @ q[row, head].double() * scale
-                out[row, head] = torch.softmax(scores, 0) @ values[:visible, kv_head]
-    return out
+FUSED_CPU_DECODE = DecodeAttention("cpu", fused_cpu_decode_attention)
+SDPA_DECODE = DecodeAttention("sdpa", sdpa_decode_attention)
