@@ -10,8 +10,10 @@ the paper's Table 1 sizes are MiB (LoRA r=16 on LLaMA2-7B: 153 MiB at fp32).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from .config import PEFT_TYPE_LORA, PEFT_TYPE_PROLORA, LayerSpec, ProLoRAConfig
@@ -79,6 +81,24 @@ class ModelShape:
             vocab_size=_field(config, "vocab_size") or 0,
             tie_word_embeddings=bool(_field(config, "tie_word_embeddings")),
         )
+
+    @classmethod
+    def from_model_dir(cls, directory: str | Path) -> "ModelShape":
+        """From the ``config.json`` of a Hugging Face model directory (no weights are read)."""
+        path = Path(directory) / "config.json"
+        try:
+            config = json.loads(path.read_text())
+        except OSError as err:
+            raise AccountingError(f"{path}: cannot read the model config "
+                                  f"({err.strerror or err})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise AccountingError(f"{path}: invalid JSON ({err})") from None
+        if not isinstance(config, dict):
+            raise AccountingError(f"{path}: the model config must be a JSON object")
+        try:
+            return cls.from_config(config)
+        except AccountingError as err:
+            raise AccountingError(f"{path}: {err}") from None
 
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each projection of one layer; k/v follow GQA."""

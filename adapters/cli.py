@@ -3,7 +3,10 @@
 ``register_offline_commands`` adds them to the ``prolora-serve adapters`` sub-parsers; each
 sets ``func(args) -> exit code``. Also runnable alone:
 ``python -m prolora_serve.adapters.cli inspect ADAPTER``. SRC/DST are adapter directories or
-single files; a DST ending in ``.safetensors`` is written as a single file.
+single files; a DST ending in ``.safetensors`` is written as a single file. ``--base-model
+DIR`` (a Hugging Face model directory; only its config.json is read) supplies every module's
+(in, out) and validates the adapter against that model; files written by this project
+record their dims, so it is needed only for older or third-party files with unshared_r = 0.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .accounting import AccountingError, ModelShape
 from .config import AdapterConfigError
 from .errors import AdapterFormatError
 from .format import load_adapter, save_adapter
 from .peft_io import compress_dense_adapter, export_dense
+from .state_dict import LinearShapes
 from .summary import summarize_adapter
 
 Command = Callable[[argparse.Namespace], int]
@@ -29,6 +34,7 @@ def register_offline_commands(subparsers: Any) -> None:
     inspect = subparsers.add_parser("inspect", help="print an adapter's config, specs, "
                                     "parameter count and bytes as JSON")
     inspect.add_argument("src", help="adapter directory or .safetensors file")
+    _add_base_model(inspect)
     inspect.set_defaults(func=inspect_command)
     export = subparsers.add_parser("export-dense", help="write a PEFT LoRA (dense A/B) copy")
     _add_src_dst(export)
@@ -48,6 +54,20 @@ def _add_src_dst(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="adapter directory or .safetensors file")
     parser.add_argument("dst", help="output directory, or a file ending in .safetensors")
     parser.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    _add_base_model(parser)
+
+
+def _add_base_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-model", metavar="DIR",
+                        help="model directory with config.json: its layer shapes supply and "
+                             "check each module's (in, out), needed for files that do not "
+                             "record them when unshared_r = 0")
+
+
+def _base_shapes(args: argparse.Namespace) -> LinearShapes | None:
+    if args.base_model is None:
+        return None
+    return ModelShape.from_model_dir(args.base_model).linear_shapes()
 
 
 def _reports_errors(command: Command) -> Command:
@@ -56,7 +76,7 @@ def _reports_errors(command: Command) -> Command:
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
-        except (AdapterFormatError, AdapterConfigError, OSError) as err:
+        except (AdapterFormatError, AdapterConfigError, AccountingError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
     return run
@@ -64,13 +84,13 @@ def _reports_errors(command: Command) -> Command:
 
 @_reports_errors
 def inspect_command(args: argparse.Namespace) -> int:
-    _print_json(summarize_adapter(load_adapter(args.src)))
+    _print_json(summarize_adapter(load_adapter(args.src, _base_shapes(args))))
     return 0
 
 
 @_reports_errors
 def export_dense_command(args: argparse.Namespace) -> int:
-    adapter = load_adapter(args.src)
+    adapter = load_adapter(args.src, _base_shapes(args))
     dst = _destination(args.dst, args.force)
     export_dense(adapter, dst, single_file=_is_single_file(dst))
     dense_params = sum(w.spec.lora_equivalent_params for w in adapter.modules.values())
@@ -82,7 +102,8 @@ def export_dense_command(args: argparse.Namespace) -> int:
 @_reports_errors
 def compress_command(args: argparse.Namespace) -> int:
     adapter, deviation = compress_dense_adapter(args.src, args.unshared_r, args.reduce_a,
-                                                args.reduce_b, tolerance=args.tolerance)
+                                                args.reduce_b, tolerance=args.tolerance,
+                                                linear_shapes=_base_shapes(args))
     dst = _destination(args.dst, args.force)
     save_adapter(adapter, dst, single_file=_is_single_file(dst))
     dense_params = sum(w.spec.lora_equivalent_params for w in adapter.modules.values())

@@ -4,6 +4,12 @@ Forms (both load and save):
 - a directory with ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT-like);
 - one ``.safetensors`` file whose metadata key ``adapter_config`` holds the same JSON.
 
+Both forms record every module's (in_features, out_features) in the safetensors metadata
+key ``module_dims`` (``state_dict.DIMS_METADATA_KEY``): a compact JSON object
+``{"<module path>": [in, out], ...}``. With u = 0 the tensors alone do not fix h and o;
+files without the key (older or third-party) still load where the tensors or the base
+model's shapes fix them.
+
 PRoLoRA and plain PEFT LoRA files both load, the latter as PRoLoRA with u = r. Pickle
 checkpoints (``.bin``/``.pt``/...) are never loaded: unpickling runs arbitrary code.
 Key names and the per-tensor checks live in ``state_dict``; PEFT config fields in
@@ -23,12 +29,13 @@ import torch
 from .config import AdapterConfigError
 from .errors import AdapterFormatError
 from .peft_config import config_to_json, is_lora_config, parse_config
-from .state_dict import LinearShapes, adapter_from_state_dict, adapter_to_state_dict, module_paths
+from .state_dict import (DIMS_METADATA_KEY, LinearShapes, adapter_from_state_dict,
+                         adapter_to_state_dict, module_paths)
 from .weights import CompactAdapter
 
 __all__ = ["AdapterFormatError", "AdapterConfigError", "CONFIG_NAME", "WEIGHTS_NAME",
-           "METADATA_KEY", "load_adapter", "load_adapter_bytes", "save_adapter",
-           "adapter_to_bytes", "write_adapter_files"]
+           "METADATA_KEY", "DIMS_METADATA_KEY", "load_adapter", "load_adapter_bytes",
+           "save_adapter", "adapter_to_bytes", "write_adapter_files"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -63,33 +70,36 @@ def load_adapter_bytes(config_json: bytes | str | None, weights: bytes,
         raw = _config_from_metadata(metadata, source)
     else:
         raw = _parse_json(config_json, f"{source}: {CONFIG_NAME}")
-    return _build(raw, tensors, linear_shapes, source)
+    return _build(raw, tensors, metadata, linear_shapes, source)
 
 
 def save_adapter(adapter: CompactAdapter, path: str | Path, single_file: bool = False) -> None:
     """Write the directory form (default) or one ``.safetensors`` file; files replace atomically."""
     write_adapter_files(path, adapter_to_state_dict(adapter), config_to_json(adapter.config),
-                        single_file)
+                        adapter.linear_shapes(), single_file)
 
 
 def adapter_to_bytes(adapter: CompactAdapter) -> bytes:
     """The single-file form in memory (config JSON in the safetensors metadata)."""
-    return _single_file_bytes(adapter_to_state_dict(adapter), config_to_json(adapter.config))
+    return _single_file_bytes(adapter_to_state_dict(adapter), config_to_json(adapter.config),
+                              adapter.linear_shapes())
 
 
 def write_adapter_files(path: str | Path, tensors: dict[str, torch.Tensor],
-                        config: Mapping[str, Any], single_file: bool = False) -> None:
-    """Write already-keyed tensors and a config dict in either form."""
+                        config: Mapping[str, Any], module_dims: LinearShapes,
+                        single_file: bool = False) -> None:
+    """Write already-keyed tensors, a config dict and each module's (in, out) in either form."""
     path = Path(path)
     if single_file:
         if path.is_dir():
             raise AdapterFormatError(f"{path}: is a directory; expected a file path for single_file")
-        atomic_write(path, _single_file_bytes(tensors, config))
+        atomic_write(path, _single_file_bytes(tensors, config, module_dims))
         return
     if path.exists() and not path.is_dir():
         raise AdapterFormatError(f"{path}: exists and is not a directory")
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / WEIGHTS_NAME, safetensors.torch.save(tensors, metadata={"format": "pt"}))
+    atomic_write(path / WEIGHTS_NAME,
+                 safetensors.torch.save(tensors, _tensor_metadata(module_dims)))
     atomic_write(path / CONFIG_NAME, _config_text(config).encode())
 
 
@@ -103,9 +113,15 @@ def atomic_write(path: Path, data: bytes) -> None:
         temp.unlink(missing_ok=True)
 
 
-def _single_file_bytes(tensors: dict[str, torch.Tensor], config: Mapping[str, Any]) -> bytes:
-    metadata = {"format": "pt", METADATA_KEY: _config_text(config)}
+def _single_file_bytes(tensors: dict[str, torch.Tensor], config: Mapping[str, Any],
+                       module_dims: LinearShapes) -> bytes:
+    metadata = {**_tensor_metadata(module_dims), METADATA_KEY: _config_text(config)}
     return safetensors.torch.save(tensors, metadata=metadata)
+
+
+def _tensor_metadata(module_dims: LinearShapes) -> dict[str, str]:
+    dims = {path: [int(h), int(o)] for path, (h, o) in sorted(module_dims.items())}
+    return {"format": "pt", DIMS_METADATA_KEY: json.dumps(dims, separators=(",", ":"))}
 
 
 def _config_text(config: Mapping[str, Any]) -> str:
@@ -122,23 +138,42 @@ def _load_directory(path: Path, linear_shapes: LinearShapes | None) -> CompactAd
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise AdapterFormatError(f"{path}: missing {CONFIG_NAME}")
-    tensors, _ = _read_safetensors(_read_bytes(weights_path), str(weights_path))
+    tensors, metadata = _read_safetensors(_read_bytes(weights_path), str(weights_path))
     raw = _parse_json(_read_bytes(config_path), str(config_path))
-    return _build(raw, tensors, linear_shapes, str(path))
+    return _build(raw, tensors, metadata, linear_shapes, str(path))
 
 
-def _build(raw: Any, tensors: dict[str, torch.Tensor], linear_shapes: LinearShapes | None,
-           source: str) -> CompactAdapter:
-    """Config + tensors -> validated adapter; errors keep their type and gain the source."""
+def _build(raw: Any, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str],
+           linear_shapes: LinearShapes | None, source: str) -> CompactAdapter:
+    """Config + tensors (+ recorded dims) -> validated adapter; errors keep their type and
+    gain the source."""
     try:
         if not isinstance(raw, Mapping):
             raise AdapterConfigError("adapter config must be a JSON object")
         if not tensors:
             raise AdapterFormatError("adapter is empty: the file holds no tensors")
         config = parse_config(raw, module_paths(list(tensors), is_lora_config(raw)))
-        return adapter_from_state_dict(config, tensors, linear_shapes)
+        return adapter_from_state_dict(config, tensors, linear_shapes, _recorded_dims(metadata))
     except (AdapterFormatError, AdapterConfigError) as err:
         raise type(err)(f"{source}: {err}") from None
+
+
+def _recorded_dims(metadata: Mapping[str, str]) -> dict[str, tuple[int, int]] | None:
+    """The ``module_dims`` metadata, checked for form only (``state_dict`` checks the values
+    against the tensors and the base model); None when the file has none."""
+    if DIMS_METADATA_KEY not in metadata:
+        return None
+    where = f"metadata {DIMS_METADATA_KEY!r}"
+    dims = _parse_json(metadata[DIMS_METADATA_KEY], where)
+    if not isinstance(dims, dict) or not dims:
+        raise AdapterFormatError(f"{where} must be a non-empty JSON object of module path -> "
+                                 "[in_features, out_features]")
+    for path, value in dims.items():
+        if not (isinstance(value, list) and len(value) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+            raise AdapterFormatError(f"{where}: entry {path!r} must be [in_features, "
+                                     f"out_features] with integers >= 1, got {value!r}")
+    return {path: (value[0], value[1]) for path, value in dims.items()}
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -55,7 +55,7 @@ def compress_dense_adapter(src: str | Path | CompactAdapter, unshared_r: int, re
 def export_dense(adapter: CompactAdapter, dst: str | Path, single_file: bool = False) -> None:
     """Write a PEFT LoRA adapter (dense A/B); a directory unless ``single_file``."""
     write_adapter_files(dst, dense_state_dict(adapter), peft_lora_config_dict(adapter.config),
-                        single_file)
+                        adapter.linear_shapes(), single_file)
 
 
 def dense_state_dict(adapter: CompactAdapter) -> dict[str, torch.Tensor]:

@@ -5,10 +5,13 @@ Keys (the public file contract): ``base_model.model.<module>.prolora_A0`` (R, ce
 tensors are omitted. Plain PEFT LoRA files use ``.lora_A.weight`` (r, h) and
 ``.lora_B.weight`` (o, r), which are exactly Au and Bu of a PRoLoRA layer with u = r.
 
-Dimensions come from the base model's ``linear_shapes`` when given (exact validation).
-Without them they are inferred from the tensors: h from Au and o from Bu when u > 0; when
-u = 0 only the chunk widths are stored, so h = m * ceil(h/m) and o = n * ceil(o/n) are
-assumed (the true h may be up to m - 1 smaller: pass ``linear_shapes`` to pin it).
+Dimensions (h, o) of each module come from, in order: the base model's ``linear_shapes``
+when given; the dims the file records (``recorded_dims``: its ``DIMS_METADATA_KEY``
+metadata, which ``format`` reads and writes); the tensors, which fix h when u > 0 (Au) or
+m = 1 (A0), and o when u > 0 (Bu) or n = 1 (B0). With u = 0 the chunks leave h open within
+m values (ceil(h/m) is all A0 says), so such a module with neither source is refused rather
+than guessed. Recorded dims must name exactly the modules with tensors, fit every tensor,
+and equal the base model's shapes when those are given.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ PROLORA_SUFFIXES = {f".{name}": name for name in TENSOR_NAMES}
 LORA_SUFFIXES = {".lora_A.weight": "prolora_Au", ".lora_B.weight": "prolora_Bu"}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LinearShapes = Mapping[str, tuple[int, int]]
+# The safetensors metadata key that records each module's [in_features, out_features].
+DIMS_METADATA_KEY = "module_dims"
+_Dims = tuple[int | None, int | None, str]  # h, o (None: not fixed by any source), origin
 
 
 def tensor_key(module_path: str, name: str, lora: bool) -> str:
@@ -84,15 +90,22 @@ def _check_specs_match_config(adapter: CompactAdapter) -> None:
 
 
 def adapter_from_state_dict(config: ProLoRAConfig, tensors: Mapping[str, torch.Tensor],
-                            linear_shapes: LinearShapes | None = None) -> CompactAdapter:
-    """Validate file tensors against the config (and the base model) and build the adapter."""
+                            linear_shapes: LinearShapes | None = None,
+                            recorded_dims: LinearShapes | None = None) -> CompactAdapter:
+    """Validate file tensors against the config (and the base model, and the dims the file
+    records) and build the adapter."""
     if not tensors:
         raise AdapterFormatError("adapter is empty: the file holds no tensors")
     for key in sorted(tensors):  # sorted: the first error reported does not depend on file order
         check_tensor(key, tensors[key])
     grouped = _group_by_module(config, tensors)
     _check_targets(config, grouped, linear_shapes)
-    modules = {path: _build_module(config, path, found, linear_shapes)
+    if recorded_dims is not None:
+        _check_recorded_dims(grouped, recorded_dims, linear_shapes)
+    dims = {path: _module_dims(config, path, found, linear_shapes, recorded_dims)
+            for path, found in grouped.items()}
+    _refuse_unknown_dims(config, grouped, dims)
+    modules = {path: _build_module(config, path, found, dims[path])
                for path, found in grouped.items()}
     return CompactAdapter(config, modules)
 
@@ -145,8 +158,9 @@ def _check_every_target_has_weights(config: ProLoRAConfig, grouped: Mapping[str,
 
 
 def _build_module(config: ProLoRAConfig, path: str, found: Mapping[str, torch.Tensor],
-                  linear_shapes: LinearShapes | None) -> CompactLinearWeights:
-    in_features, out_features, origin = _module_dims(config, path, found, linear_shapes)
+                  dims: _Dims) -> CompactLinearWeights:
+    in_features, out_features, origin = dims
+    assert in_features is not None and out_features is not None  # _refuse_unknown_dims ran
     spec = config.layer_spec(path, in_features, out_features)
     dtype = next(iter(found.values())).dtype
     tensors = [_expected_tensor(config, spec, path, name, found.get(name), dtype, origin)
@@ -171,11 +185,40 @@ def _expected_tensor(config: ProLoRAConfig, spec: LayerSpec, path: str, name: st
     return tensor
 
 
+def _check_recorded_dims(grouped: Mapping[str, object], recorded: LinearShapes,
+                         linear_shapes: LinearShapes | None) -> None:
+    """Recorded dims cover exactly the modules with tensors and agree with the base model.
+
+    Only the base model comparison is needed here: the tensors are checked against the
+    recorded dims when each module is built.
+    """
+    missing = sorted(set(grouped) - set(recorded))
+    if missing:
+        raise AdapterFormatError(f"metadata {DIMS_METADATA_KEY!r} has no entry for module "
+                                 f"{missing[0]!r} ({len(missing)} module(s) with tensors lack one)")
+    extra = sorted(set(recorded) - set(grouped))
+    if extra:
+        raise AdapterFormatError(f"metadata {DIMS_METADATA_KEY!r} names module {extra[0]!r}, "
+                                 "which has no tensors in the file")
+    if linear_shapes is None:
+        return
+    for path in sorted(grouped):
+        if tuple(recorded[path]) != tuple(linear_shapes[path]):
+            (h, o), (base_h, base_o) = recorded[path], linear_shapes[path]
+            raise AdapterFormatError(f"module {path!r}: the file records in_features={h}, "
+                                     f"out_features={o} (metadata {DIMS_METADATA_KEY!r}) but "
+                                     f"the base model has in_features={base_h}, "
+                                     f"out_features={base_o}")
+
+
 def _module_dims(config: ProLoRAConfig, path: str, found: Mapping[str, torch.Tensor],
-                 linear_shapes: LinearShapes | None) -> tuple[int, int, str]:
+                 linear_shapes: LinearShapes | None, recorded: LinearShapes | None) -> _Dims:
     if linear_shapes is not None:
         in_features, out_features = linear_shapes[path]
         return in_features, out_features, "dims from the base model"
+    if recorded is not None:
+        in_features, out_features = recorded[path]
+        return in_features, out_features, f"dims recorded in metadata {DIMS_METADATA_KEY!r}"
     rank_spec = config.layer_spec(path, 1, 1)  # only r and u matter here
     in_features = _infer_dim(config, path, found, rank_spec, "prolora_Au", "prolora_A0", 1,
                              rank_spec.reduce_a)
@@ -185,15 +228,46 @@ def _module_dims(config: ProLoRAConfig, path: str, found: Mapping[str, torch.Ten
 
 
 def _infer_dim(config: ProLoRAConfig, path: str, found: Mapping[str, torch.Tensor],
-               spec: LayerSpec, unshared: str, shared: str, axis: int, ratio: int) -> int:
-    """h (or o) from the unshared tensor when u > 0, else ratio * the shared chunk width.
+               spec: LayerSpec, unshared: str, shared: str, axis: int, ratio: int) -> int | None:
+    """h (or o) where the tensors fix it: the unshared tensor when u > 0, the shared chunk
+    when the sharing ratio is 1; None otherwise (a chunk of width c leaves ratio values open).
 
     ``axis`` is where the dimension lies in both: Au (u, h) / A0 (R, cA) use 1,
     Bu (o, u) / B0 (cB, R) use 0.
     """
-    if spec.unshared_r > 0 and unshared in found:
-        return int(found[unshared].shape[axis])
-    if spec.shared_r > 0 and shared in found:
-        return ratio * int(found[shared].shape[axis])
     name = unshared if spec.unshared_r > 0 else shared
-    raise AdapterFormatError(f"missing tensor {tensor_key(path, name, config.is_plain_lora)!r}")
+    if name not in found:
+        raise AdapterFormatError(f"missing tensor {tensor_key(path, name, config.is_plain_lora)!r}")
+    if spec.unshared_r > 0 or ratio == 1:
+        return int(found[name].shape[axis])
+    return None
+
+
+def _refuse_unknown_dims(config: ProLoRAConfig, grouped: Mapping[str, Mapping[str, torch.Tensor]],
+                         dims: Mapping[str, _Dims]) -> None:
+    """One error naming the modules whose h or o no source fixes, and the range each could be."""
+    unknown = [path for path in sorted(dims) if None in dims[path][:2]]
+    if not unknown:
+        return
+    shown = "; ".join(_unknown_dims_text(config, path, grouped[path], dims[path])
+                      for path in unknown[:3])
+    more = f" (and {len(unknown) - 3} more module(s))" if len(unknown) > 3 else ""
+    raise AdapterFormatError(
+        f"dimensions unknown for {len(unknown)} module(s): {shown}{more}. With "
+        "unshared_r = 0 the file stores only the chunks A0 (R x ceil(h/m)) and B0 "
+        f"(ceil(o/n) x R), and it does not record the dims (no {DIMS_METADATA_KEY!r} metadata: "
+        "an older or third-party file); pass the base model's shapes (CLI: --base-model DIR)")
+
+
+def _unknown_dims_text(config: ProLoRAConfig, path: str, found: Mapping[str, torch.Tensor],
+                       dims: _Dims) -> str:
+    spec = config.layer_spec(path, 1, 1)
+    parts = []
+    for value, name, symbol, tensor, axis, ratio in (
+            (dims[0], "in_features", "h", "prolora_A0", 1, spec.reduce_a),
+            (dims[1], "out_features", "o", "prolora_B0", 0, spec.reduce_b)):
+        if value is None:
+            width = int(found[tensor].shape[axis])
+            parts.append(f"{name} unknown (ceil({symbol}/{ratio}) = {width}: {symbol} is "
+                         f"{ratio * (width - 1) + 1}..{ratio * width})")
+    return f"{path!r} " + ", ".join(parts)

@@ -77,6 +77,11 @@ class CompactAdapter:
     def nbytes(self) -> int:
         return sum(w.nbytes for w in self.modules.values())
 
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """Module path -> (in_features, out_features) of every adapted module."""
+        return {path: (w.spec.in_features, w.spec.out_features)
+                for path, w in sorted(self.modules.items())}
+
     def to(self, device: torch.device | str | None = None,
            dtype: torch.dtype | None = None) -> "CompactAdapter":
         return CompactAdapter(self.config, {k: w.to(device, dtype) for k, w in self.modules.items()})

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from prolora_serve.adapters.config import AdapterConfigError, ProLoRAConfig
 from prolora_serve.adapters.dense import delta_weight
 from prolora_serve.adapters.factory import random_adapter
-from prolora_serve.adapters.format import (CONFIG_NAME, WEIGHTS_NAME, AdapterFormatError,
-                                           adapter_to_bytes, load_adapter, load_adapter_bytes,
-                                           save_adapter)
+from prolora_serve.adapters.format import (CONFIG_NAME, DIMS_METADATA_KEY, WEIGHTS_NAME,
+                                           AdapterFormatError, adapter_to_bytes, load_adapter,
+                                           load_adapter_bytes, save_adapter)
 from prolora_serve.adapters.weights import CompactAdapter
 
 PREFIX = "base_model.model."
@@ -56,6 +56,30 @@ def saved_tensors(adapter: CompactAdapter) -> dict[str, torch.Tensor]:
     return safetensors.torch.load(adapter_to_bytes(adapter))
 
 
+def weights_file(path: Path) -> Path:
+    return path / WEIGHTS_NAME if path.is_dir() else path
+
+
+def rewrite_recorded_dims(path: Path, dims: dict | str | None) -> None:
+    """Replace a saved adapter's module_dims metadata (a dict, or raw text); None drops it."""
+    file = weights_file(path)
+    with safetensors.safe_open(str(file), framework="pt") as handle:
+        metadata = {k: v for k, v in (handle.metadata() or {}).items() if k != DIMS_METADATA_KEY}
+    if dims is not None:
+        metadata[DIMS_METADATA_KEY] = dims if isinstance(dims, str) else json.dumps(dims)
+    safetensors.torch.save_file(safetensors.torch.load_file(str(file)), str(file), metadata)
+
+
+def strip_recorded_dims(path: Path) -> None:
+    """Make a saved adapter look as an older version (or another tool) wrote it."""
+    rewrite_recorded_dims(path, None)
+
+
+def recorded_dims(path: Path) -> dict[str, list[int]]:
+    with safetensors.safe_open(str(weights_file(path)), framework="pt") as handle:
+        return json.loads(handle.metadata()[DIMS_METADATA_KEY])
+
+
 def write_dir(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_NAME).write_text(json.dumps(config))
@@ -89,15 +113,16 @@ def test_round_trip_both_forms(fields, h, o, single_file, dtype):
         path = Path(tmp) / ("a.safetensors" if single_file else "a")
         save_adapter(adapter, path, single_file=single_file)
         assert_same_adapter(load_adapter(path, shapes), adapter)
-        inferred = load_adapter(path)
-    for path, weights in adapter.modules.items():
-        spec, got = weights.spec, inferred.modules[path].spec
-        # Without base shapes, u = 0 only pins h, o up to the chunk grid (documented).
-        exact = spec.unshared_r > 0
-        assert got.in_features == (spec.in_features if exact else spec.reduce_a * spec.chunk_a)
-        assert got.out_features == (spec.out_features if exact else spec.reduce_b * spec.chunk_b)
-        for a, b in zip(inferred.modules[path].tensors(), weights.tensors()):
-            assert torch.equal(a, b) or a.numel() == b.numel() == 0
+        assert_same_adapter(load_adapter(path), adapter)  # the file records h and o
+        strip_recorded_dims(path)
+        assert_same_adapter(load_adapter(path, shapes), adapter)
+        # Without the record the tensors fix h when u > 0 or m = 1 (and o when u > 0 or n = 1).
+        specs = [w.spec for w in adapter.modules.values()]
+        if all(s.unshared_r > 0 or (s.reduce_a == 1 and s.reduce_b == 1) for s in specs):
+            assert_same_adapter(load_adapter(path), adapter)
+        else:
+            with pytest.raises(AdapterFormatError, match="dimensions unknown"):
+                load_adapter(path)
 
 
 @pytest.mark.parametrize("unshared_r, omitted", [(0, ("prolora_Au", "prolora_Bu")),
@@ -186,6 +211,103 @@ def test_peft_regex_rank_pattern_resolves_per_module(tmp_path):
     assert loaded.modules["model.layers.1.self_attn.q_proj"].spec.r == 4
 
 
+# ---- recorded module dims (metadata 'module_dims') -------------------------------------------
+
+@pytest.mark.parametrize("single_file", [False, True])
+def test_saved_files_record_every_module_dims(tmp_path, single_file):
+    shapes = base_shapes(h=23, o=37)
+    adapter = random_adapter(make_config(unshared_r=0), shapes)
+    path = tmp_path / ("a.safetensors" if single_file else "a")
+    save_adapter(adapter, path, single_file=single_file)
+    assert recorded_dims(path) == {p: [h, o] for p, (h, o) in shapes.items()}
+    with safetensors.safe_open(str(weights_file(path)), framework="pt") as handle:
+        assert " " not in handle.metadata()[DIMS_METADATA_KEY]  # compact JSON
+    loaded = load_adapter(path)  # no base shapes: the record fixes h and o despite u = 0
+    assert loaded.linear_shapes() == shapes
+    assert load_adapter_bytes(None, adapter_to_bytes(adapter)).linear_shapes() == shapes
+
+
+def test_recorded_dims_that_disagree_with_the_tensors_are_refused(tmp_path):
+    shapes = base_shapes()  # q_proj (24, 36), m = 4, n = 5
+    for unshared_r, dims, tensor in ((2, (23, 36), "prolora_Au"),  # ceil(23/4) = 6 fits A0
+                                     (2, (24, 39), "prolora_Bu"),  # ceil(39/5) = 8 fits B0
+                                     (0, (20, 36), "prolora_A0"),  # ceil(20/4) = 5, A0 has 6
+                                     (0, (24, 41), "prolora_B0")):  # ceil(41/5) = 9, B0 has 8
+        path = tmp_path / f"u{unshared_r}-{dims[0]}-{dims[1]}"
+        save_adapter(random_adapter(make_config(unshared_r=unshared_r), shapes), path)
+        rewrite_recorded_dims(path, {**recorded_dims(path), Q0: list(dims)})
+        with pytest.raises(AdapterFormatError, match=re.escape(key(Q0, tensor)) + ".*"
+                           + re.escape(f"in={dims[0]}, out={dims[1]}") + ".*module_dims"):
+            load_adapter(path)
+
+
+@pytest.mark.parametrize("dims, message", [
+    ("{not json", "module_dims.*invalid JSON"),
+    ("[]", "module_dims.*must be a non-empty JSON object"),
+    ({Q0: [24]}, re.escape(repr(Q0)) + ".*integers >= 1"),
+    ({Q0: [24, 0]}, re.escape(repr(Q0)) + ".*integers >= 1"),
+    ({Q0: [True, 36]}, re.escape(repr(Q0)) + ".*integers >= 1"),
+    ({Q0: [24.0, 36]}, re.escape(repr(Q0)) + ".*integers >= 1"),
+])
+def test_malformed_recorded_dims_are_refused(tmp_path, dims, message):
+    path = tmp_path / "a.safetensors"
+    save_adapter(random_adapter(make_config(), base_shapes()), path, single_file=True)
+    if isinstance(dims, dict):
+        dims = {**recorded_dims(path), **dims}
+    rewrite_recorded_dims(path, dims)
+    with pytest.raises(AdapterFormatError, match=re.escape(str(path)) + ".*" + message):
+        load_adapter(path)
+
+
+def test_recorded_dims_must_cover_exactly_the_modules_with_tensors(tmp_path):
+    save_adapter(random_adapter(make_config(), base_shapes()), tmp_path / "a")
+    dims = recorded_dims(tmp_path / "a")
+    rewrite_recorded_dims(tmp_path / "a", {p: d for p, d in dims.items() if p != Q0})
+    with pytest.raises(AdapterFormatError, match="no entry for module " + re.escape(repr(Q0))):
+        load_adapter(tmp_path / "a")
+    rewrite_recorded_dims(tmp_path / "a", {**dims, "model.layers.9.mlp.up_proj": [24, 36]})
+    with pytest.raises(AdapterFormatError, match=r"'model\.layers\.9\.mlp\.up_proj', which has no"):
+        load_adapter(tmp_path / "a")
+
+
+def test_recorded_dims_that_disagree_with_the_base_model_are_refused(tmp_path):
+    """u = 0, and the recorded h = 23 gives the same A0 width as the base's 24 (ceil(./4) = 6):
+    only the recorded dims say the file was made for another model. The registry, which
+    validates through ``load_adapter`` with the base's shapes, refuses it too."""
+    from prolora_serve.adapters.registry import AdapterRegistry, InvalidAdapterError
+
+    shapes = base_shapes()
+    other = {**shapes, Q0: (23, 36)}
+    path = tmp_path / "other.safetensors"
+    save_adapter(random_adapter(make_config(unshared_r=0), other), path, single_file=True)
+    expected = (re.escape(f"module {Q0!r}: the file records in_features=23, out_features=36")
+                + ".*base model has in_features=24, out_features=36")
+    with pytest.raises(AdapterFormatError, match=expected):
+        load_adapter(path, shapes)
+    registry = AdapterRegistry(tmp_path / "store", shapes)
+    with pytest.raises(InvalidAdapterError, match=expected):
+        registry.register_path("other", path)
+    with pytest.raises(InvalidAdapterError, match=expected):
+        registry.register_upload("other", file=path.open("rb"))
+    assert len(registry) == 0
+    strip_recorded_dims(path)  # without the record nothing tells the two models apart
+    assert load_adapter(path, shapes).modules[Q0].spec.in_features == 24
+
+
+def test_u0_without_recorded_dims_names_the_modules_and_the_open_dims(tmp_path):
+    shapes = base_shapes(h=24, o=36)  # m = 4, n = 5: ceil(24/4) = 6, ceil(36/5) = 8
+    save_adapter(random_adapter(make_config(unshared_r=0), shapes), tmp_path / "a")
+    strip_recorded_dims(tmp_path / "a")
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(tmp_path / "a")
+    message = str(caught.value)
+    assert "dimensions unknown for 6 module(s)" in message and "--base-model" in message
+    assert (f"{Q0!r} in_features unknown (ceil(h/4) = 6: h is 21..24), "
+            "out_features unknown (ceil(o/5) = 8: o is 36..40)") in message
+    assert "(and 3 more module(s))" in message
+    assert load_adapter(tmp_path / "a", shapes).linear_shapes() == shapes
+
+
 # ---- validation errors: type, and the message names the tensor / module -------------------
 
 def load_modified(tmp_path: Path, change, config: ProLoRAConfig | None = None, shapes=None):
@@ -236,6 +358,10 @@ def test_wrong_shape_is_named(tmp_path, name, shape):
 def test_shape_mismatch_with_base_model_dims(tmp_path):
     save_adapter(random_adapter(make_config(), base_shapes()), tmp_path / "a")
     wider = {**base_shapes(), Q0: (32, 36)}  # ceil(32/4) != ceil(24/4): caught at A0
+    with pytest.raises(AdapterFormatError,
+                       match="records in_features=24.*base model has in_features=32"):
+        load_adapter(tmp_path / "a", wider)
+    strip_recorded_dims(tmp_path / "a")  # older files: the tensors are checked one by one
     with pytest.raises(AdapterFormatError, match=re.escape(key(Q0, "prolora_A0")) + ".*in=32"):
         load_adapter(tmp_path / "a", wider)
     narrower = {**base_shapes(), Q0: (21, 36)}  # ceil(21/4) = ceil(24/4): caught at Au

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -13,9 +15,11 @@ from hypothesis import strategies as st
 from prolora_serve.adapters.config import AdapterConfigError, ProLoRAConfig
 from prolora_serve.adapters.dense import delta_weight, materialize
 from prolora_serve.adapters.factory import random_adapter
-from prolora_serve.adapters.format import CONFIG_NAME, AdapterFormatError, load_adapter
+from prolora_serve.adapters.format import (CONFIG_NAME, WEIGHTS_NAME, AdapterFormatError,
+                                           load_adapter, save_adapter)
 from prolora_serve.adapters.peft_io import compress_dense_adapter, dense_state_dict, export_dense
 from prolora_serve.adapters.weights import CompactAdapter, CompactLinearWeights
+from test_adapters_format import recorded_dims, strip_recorded_dims
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -176,3 +180,115 @@ def test_dense_state_dict_keeps_dtype_and_peft_keys(linear_shapes):
     assert dense_a.dtype == dense_b.dtype == torch.bfloat16
     assert len(tensors) == 2 * len(adapter.modules)
 
+
+
+# ---- u = 0 on dims that m and n do not divide: the file records h and o -------------------
+# SmolLM2-like attention (h = 576, 9 heads of 64, 3 KV heads: k/v project to 192), one layer;
+# m = 7 and n = 5 divide none of 576, 192, 100. A0/B0 alone would allow h up to 581 and o up
+# to 580: an exporter that guessed from them would write padded lora_A / lora_B.
+U0 = dict(r=6, unshared_r=0, reduce_lora_A_x=7, reduce_lora_B_x=5, lora_alpha=12,
+          rank_pattern={"k_proj": 3, "down_proj": 12})  # strides 1 and 2 as well as 1
+
+
+@pytest.fixture(scope="module")
+def gqa_base_dir(tmp_path_factory) -> Path:
+    config = transformers.LlamaConfig(hidden_size=576, intermediate_size=100, num_hidden_layers=1,
+                                      num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                      vocab_size=16)
+    directory = tmp_path_factory.mktemp("gqa_base")
+    config.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def gqa_shapes(gqa_base_dir) -> dict[str, tuple[int, int]]:
+    """(in, out) of every decoder linear, read off the instantiated Hugging Face model."""
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_pretrained(gqa_base_dir))
+    return {name: (module.in_features, module.out_features)
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and ".layers." in name}
+
+
+def dense_reference(weights: CompactLinearWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense A (r, h) and B (o, r) in float64, element by element as
+    docs/prolora-math.md#dense-form writes them."""
+    spec = weights.spec
+    shared, h, o = spec.shared_r, spec.in_features, spec.out_features
+    a0, b0 = weights.A0.double().tolist(), weights.B0.double().tolist()
+    dense_a = [[a0[(k + (col // spec.chunk_a) * spec.stride_a) % shared][col % spec.chunk_a]
+                for col in range(h)] for k in range(shared)]
+    dense_b = [[b0[row % spec.chunk_b][(k + (row // spec.chunk_b) * spec.stride_b) % shared]
+                for k in range(shared)] for row in range(o)]
+    shared_a = torch.tensor(dense_a, dtype=torch.float64).reshape(shared, h)
+    shared_b = torch.tensor(dense_b, dtype=torch.float64).reshape(o, shared)
+    return torch.cat([shared_a, weights.Au.double()]), torch.cat([shared_b, weights.Bu.double()], 1)
+
+
+def test_model_dir_shapes_follow_gqa_and_head_dim(gqa_base_dir, gqa_shapes):
+    from prolora_serve.adapters.accounting import ModelShape
+
+    assert gqa_shapes["model.layers.0.self_attn.q_proj"] == (576, 576)
+    assert gqa_shapes["model.layers.0.self_attn.k_proj"] == (576, 192)
+    assert ModelShape.from_model_dir(gqa_base_dir).linear_shapes() == gqa_shapes
+
+
+@pytest.mark.parametrize("single_file", [False, True])
+@pytest.mark.parametrize("dims_from", ["file", "base model"])
+def test_u0_export_dense_is_exact_and_equals_the_float64_reference(gqa_shapes, tmp_path,
+                                                                   single_file, dims_from):
+    adapter = random_adapter(prolora_config(**U0), gqa_shapes, seed=9, b_std=0.5)
+    src = tmp_path / ("a.safetensors" if single_file else "a")
+    save_adapter(adapter, src, single_file=single_file)
+    if dims_from == "base model":
+        strip_recorded_dims(src)
+    loaded = load_adapter(src, gqa_shapes if dims_from == "base model" else None)
+    dst = tmp_path / ("dense.safetensors" if single_file else "dense")
+    export_dense(loaded, dst, single_file=single_file)
+    tensors = safetensors.torch.load_file(str(dst / WEIGHTS_NAME if not single_file else dst))
+    assert len(tensors) == 2 * len(gqa_shapes) == 14
+    for path, (h, o) in gqa_shapes.items():
+        weights = adapter.modules[path]
+        dense_a = tensors[f"base_model.model.{path}.lora_A.weight"]
+        dense_b = tensors[f"base_model.model.{path}.lora_B.weight"]
+        assert dense_a.shape == (weights.spec.r, h) and dense_b.shape == (o, weights.spec.r)
+        reference_a, reference_b = dense_reference(weights)
+        assert torch.equal(dense_a.double(), reference_a)
+        assert torch.equal(dense_b.double(), reference_b)
+        expected_delta = weights.spec.scale * reference_b @ reference_a
+        torch.testing.assert_close(weights.spec.scale * dense_b.double() @ dense_a.double(),
+                                   expected_delta, rtol=0, atol=1e-12)
+    assert recorded_dims(dst) == {path: list(dims) for path, dims in gqa_shapes.items()}
+    assert load_adapter(dst).linear_shapes() == gqa_shapes
+
+
+@pytest.mark.parametrize("single_file", [False, True])
+def test_u0_without_recorded_dims_or_base_model_is_refused(gqa_shapes, tmp_path, single_file):
+    src = tmp_path / ("a.safetensors" if single_file else "a")
+    adapter = random_adapter(prolora_config(**U0), gqa_shapes, seed=1)
+    save_adapter(adapter, src, single_file=single_file)
+    strip_recorded_dims(src)
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(src)
+    message = str(caught.value)
+    assert "dimensions unknown for 7 module(s)" in message and "(and 4 more module(s))" in message
+    # sorted: down_proj (in 100, out 576) is named first
+    assert ("'model.layers.0.mlp.down_proj' in_features unknown (ceil(h/7) = 15: h is 99..105), "
+            "out_features unknown (ceil(o/5) = 116: o is 576..580)") in message
+    assert "--base-model" in message
+
+
+@pytest.mark.parametrize("single_file", [False, True])
+def test_u0_compress_round_trip_keeps_the_dims(gqa_shapes, tmp_path, single_file):
+    adapter = random_adapter(prolora_config(**U0), gqa_shapes, seed=4)
+    suffix = ".safetensors" if single_file else ""
+    save_adapter(adapter, tmp_path / f"a{suffix}", single_file=single_file)
+    export_dense(load_adapter(tmp_path / f"a{suffix}"), tmp_path / f"dense{suffix}", single_file)
+    compact, deviation = compress_dense_adapter(tmp_path / f"dense{suffix}", 0, 7, 5)
+    assert deviation < 1e-6 and compact.linear_shapes() == gqa_shapes
+    save_adapter(compact, tmp_path / f"back{suffix}", single_file=single_file)
+    assert recorded_dims(tmp_path / f"back{suffix}") == {p: list(d) for p, d in gqa_shapes.items()}
+    back = load_adapter(tmp_path / f"back{suffix}")
+    for path, weights in adapter.modules.items():
+        assert back.modules[path].spec == weights.spec
+        for got, want in zip(back.modules[path].tensors(), weights.tensors()):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
