@@ -2,7 +2,7 @@
 
 Names follow the authors' code (Forence1999/PRoLoRA): ``r``, ``unshared_r`` (u),
 ``reduce_lora_A_x`` (m), ``reduce_lora_B_x`` (n), ``lora_alpha``. A plain LoRA adapter is
-the special case ``unshared_r == r`` (no shared ranks). The math is shared/DESIGN.md s2.
+the special case ``unshared_r == r`` (no shared ranks). The math is docs/prolora-math.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The reference PRoLoRA math (shared/DESIGN.md s2): dense materialization and its inverse.
+"""The reference PRoLoRA math (docs/prolora-math.md#dense-form): dense materialization and its inverse.
 
 Used by tests, the float64 reference kernel, export to PEFT LoRA and import of dense
 checkpoints. The serving path never calls ``materialize``: it applies the compact form.

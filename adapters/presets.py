@@ -42,7 +42,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "vocab_size": 32000,
         "tie_word_embeddings": False,
     },
-    "smollm2-135m": {  # the embedded default model (DESIGN.md s3)
+    "smollm2-135m": {  # the embedded default model (server/engine/default_model.py)
         "name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "hidden_size": 576,
         "intermediate_size": 1536,

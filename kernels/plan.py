@@ -29,7 +29,7 @@ STACK_CACHE_ENTRIES = 4096  # (module, adapter set) weight stacks kept across ch
 
 @dataclass(frozen=True)
 class RotationTables:
-    """0/1 matrices that perform the gather-rotations of DESIGN.md s2 as tiny matmuls."""
+    """0/1 matrices that perform the gather-rotations of docs/prolora-math.md#compact-apply as tiny matmuls."""
 
     fold_a: torch.Tensor  # (m*R, R): z = Y.reshape(T, m*R) @ fold_a, z[k] = sum_i Y[i, (k+i*sA) % R]
     unfold_b: torch.Tensor  # (R, n*R): Z.reshape(T, n*R) = z @ unfold_b, Z[i, k] = z[(k-i*sB) % R]

@@ -1,6 +1,6 @@
 """The trainable PRoLoRA layer: a frozen base linear plus the compact A0/B0/Au/Bu parameters.
 
-The forward is the compact apply of shared/DESIGN.md s2 written in differentiable torch: it
+The forward is the compact apply of docs/prolora-math.md written in differentiable torch: it
 never builds the dense A (r, h) or B (o, r), so gradients land directly on the compact tensors
 and each shared chunk receives the sum of the gradients of every position it is broadcast to.
 """
