@@ -25,8 +25,8 @@ from prolora_serve.server.engine.errors import (
     EngineStoppedError,
     PromptTooLongError,
     QueueFullError,
-    UnknownAdapterError,
 )
+from prolora_serve.adapters.registry import AdapterNotFoundError
 from prolora_serve.server.engine.loader import LoadedModel, build_model
 from prolora_serve.server.engine.sampling import SamplingParams
 from test_engine_residency import FakeSource
@@ -290,7 +290,7 @@ def test_bad_requests_are_refused_and_lose_nothing(tiny: Tiny) -> None:
     engine = tiny.engine(max_model_len=16, max_queue=2)
     with pytest.raises(PromptTooLongError, match="at most 15"):
         engine.add_request("long", prompt_ids(tiny, 16, seed=1), greedy())
-    with pytest.raises(UnknownAdapterError):
+    with pytest.raises(AdapterNotFoundError):
         engine.add_request("unknown", "hi", greedy(), "no-such-adapter")
     with pytest.raises(ValueError, match="token ids"):
         engine.add_request("ids", [len(tiny.tokenizer) + 5], greedy())
@@ -397,7 +397,7 @@ def test_closing_the_stream_early_or_cancelling_aborts(tiny: Tiny) -> None:
 def test_async_errors_are_raised_to_the_caller(tiny: Tiny) -> None:
     engine = async_engine(tiny, adapter_memory=1000)
     try:
-        with pytest.raises(UnknownAdapterError):
+        with pytest.raises(AdapterNotFoundError):
             asyncio.run(consume(engine, "u", "hi", greedy(), "missing"))
         with pytest.raises(AdapterTooLargeError):
             asyncio.run(consume(engine, "t", "hi", greedy(), "pro-a"))

@@ -11,7 +11,8 @@ import torch
 from prolora_serve.adapters.config import ProLoRAConfig
 from prolora_serve.adapters.weights import CompactAdapter
 from prolora_serve.kernels import AdapterWeightPool
-from prolora_serve.server.engine.errors import AdapterTooLargeError, UnknownAdapterError
+from prolora_serve.adapters.registry import AdapterNotFoundError
+from prolora_serve.server.engine.errors import AdapterTooLargeError
 from prolora_serve.server.engine.residency import AdapterCache
 
 SHAPES = {f"model.layers.{i}.self_attn.{p}": (24, 40) for i in range(2) for p in ("q_proj", "v_proj")}
@@ -39,7 +40,7 @@ class FakeSource:
             assert self.gate.wait(10)
         self.reads += 1
         if adapter_id not in self.adapters:
-            raise UnknownAdapterError(f"adapter {adapter_id!r} is not registered")
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
         return self.adapters[adapter_id]
 
 
@@ -136,9 +137,9 @@ def test_forget_while_in_use_frees_after_the_last_release() -> None:
     del source.adapters["a"]
     assert "a" in resident_ids(cache) and slot in cache.pool.slots  # still serving
     assert cache.acquire("a") is None  # a fresh lookup does not reuse the retired copy
-    with pytest.raises(UnknownAdapterError):
+    with pytest.raises(AdapterNotFoundError):
         cache.prepare("a").result(timeout=10)
-    with pytest.raises(UnknownAdapterError):
+    with pytest.raises(AdapterNotFoundError):
         cache.acquire("a", first_lookup=False)
     cache.release(slot)
     assert "a" not in resident_ids(cache) and cache.used_bytes == 0 and not cache.pool.slots
@@ -170,9 +171,9 @@ def test_adapter_larger_than_the_whole_budget_is_rejected() -> None:
 def test_unknown_adapter_error_reaches_the_caller() -> None:
     cache, _ = make_cache(["a"], fits=1)
     assert cache.acquire("missing") is None
-    with pytest.raises(UnknownAdapterError):
+    with pytest.raises(AdapterNotFoundError):
         cache.prepare("missing").result(timeout=10)
-    with pytest.raises(UnknownAdapterError):
+    with pytest.raises(AdapterNotFoundError):
         cache.acquire("missing", first_lookup=False)
     stats = cache.stats()
     assert stats.misses == 1 and stats.loads == 0 and stats.num_resident == 0

@@ -10,7 +10,7 @@ import torch
 
 from prolora_serve.kernels import AdapterWeightPool
 from prolora_serve.server.engine.detokenizer import IncrementalDetokenizer, StopStringText
-from prolora_serve.server.engine.errors import UnknownAdapterError
+from prolora_serve.adapters.registry import AdapterNotFoundError
 from prolora_serve.server.engine.kv_cache import BlockAllocator
 from prolora_serve.server.engine.residency import AdapterCache
 from prolora_serve.server.engine.sampling import SamplingParams, make_generator
@@ -161,7 +161,7 @@ def test_unknown_adapter_fails_only_its_request() -> None:
     assert step(sched) == [("good", 0, 4, True)]
     cache.prepare("gone").exception(timeout=10)
     out = sched.schedule()
-    assert out.finished == [bad] and isinstance(bad.error, UnknownAdapterError)
+    assert out.finished == [bad] and isinstance(bad.error, AdapterNotFoundError)
     assert bad.is_finished and bad.finish_reason == "abort" and "bad" not in sched.requests
 
 
@@ -180,9 +180,3 @@ def test_abort_frees_blocks_and_the_adapter_reference() -> None:
     assert sched.abort("A") is None
     assert step(sched) == [("B", 3, 1, True)]
 
-
-def test_duplicate_request_ids_are_refused() -> None:
-    sched = make_scheduler(num_blocks=10, block_size=4)
-    sched.add(make_seq("A", 3))
-    with pytest.raises(ValueError, match="already in use"):
-        sched.add(make_seq("A", 3))

@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+
+from prolora_serve.server.engine.client import EngineClient
+from prolora_serve.server.engine.residency import ResidentAdapterInfo
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
@@ -22,10 +25,10 @@ UPLOAD_FIELDS = ("file", "config", "weights")
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, headers and the name field on top of the files
 
 
-def _residency(engine: Any) -> dict[str, Any]:
-    if engine is None or engine.adapter_cache is None:
+async def _residency(engine: EngineClient | None) -> dict[str, ResidentAdapterInfo]:
+    if engine is None:
         return {}
-    return {info.adapter_id: info for info in engine.adapter_cache.resident()}
+    return {info.adapter_id: info for info in (await engine.snapshot()).resident}
 
 
 def adapter_info(record: Any, resident: dict[str, Any] | None = None) -> AdapterInfo:
@@ -104,34 +107,34 @@ async def upload_adapter(request: Request) -> AdapterInfo:
     form = await _read_form(request, registry.max_upload_bytes)
     try:
         name, files = _upload_fields(form)
-        if name == request.app.state.model_name:
+        if name == request.app.state.model_name:  # set once at start-up from engine.model
             raise APIError(409, f"{name!r} is the base model's name", param="name",
                            code="adapter_exists")
         record = await run_in_threadpool(lambda: registry.register_upload(name, **files))
     finally:
         await form.close()
-    return adapter_info(record, _residency(request.app.state.engine))
+    return adapter_info(record, await _residency(request.app.state.engine))
 
 
 @router.get("/adapters", response_model=AdapterList, dependencies=[Depends(require_api_key)],
             summary="List registered adapters")
-def list_adapters(request: Request) -> AdapterList:
-    resident = _residency(request.app.state.engine)
+async def list_adapters(request: Request) -> AdapterList:
+    resident = await _residency(request.app.state.engine)
     return AdapterList(data=[adapter_info(r, resident) for r in request.app.state.registry.list()])
 
 
 @router.get("/adapters/{adapter_id}", response_model=AdapterInfo,
             dependencies=[Depends(require_api_key)], summary="One adapter, with its residency")
-def get_adapter(adapter_id: str, request: Request) -> AdapterInfo:
+async def get_adapter(adapter_id: str, request: Request) -> AdapterInfo:
     record = request.app.state.registry.get(adapter_id)
-    return adapter_info(record, _residency(request.app.state.engine))
+    return adapter_info(record, await _residency(request.app.state.engine))
 
 
 @router.delete("/adapters/{adapter_id}", response_model=AdapterDeleted,
                dependencies=[Depends(require_admin_key)], summary="Delete an adapter")
-def delete_adapter(adapter_id: str, request: Request) -> AdapterDeleted:
+async def delete_adapter(adapter_id: str, request: Request) -> AdapterDeleted:
     state = request.app.state
-    state.registry.delete(adapter_id)
+    await run_in_threadpool(state.registry.delete, adapter_id)
     if state.engine is not None:
-        state.engine.forget_adapter(adapter_id)  # running requests finish, then it is freed
+        await state.engine.forget_adapter(adapter_id)  # running requests finish, then it is freed
     return AdapterDeleted(id=adapter_id)

@@ -8,7 +8,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -17,6 +17,7 @@ from prolora_serve.adapters.registry import AdapterRegistry
 from prolora_serve.adapters.weights import CompactAdapter
 
 from ..config import ServerConfig
+from ..engine.client import EngineClient
 from . import adapters, chat, completions, dashboard, metrics, models
 from .auth import require_api_key
 from .errors import install_error_handlers
@@ -46,38 +47,30 @@ class DeferredAdapterSource:
 
 @dataclass
 class Runtime:
-    engine: Any  # AsyncLLMEngine
+    engine: EngineClient
     registry: AdapterRegistry
-    max_model_len: int
 
 
-def _build_engine(config: ServerConfig, source: DeferredAdapterSource) -> Any:
+def _build_engine(config: ServerConfig, source: DeferredAdapterSource) -> EngineClient:
     from prolora_serve.server.engine.async_engine import AsyncLLMEngine
 
     return AsyncLLMEngine.from_config(config.engine, adapter_source=source)
 
 
-def open_runtime(config: ServerConfig, engine: Any = None,
+def open_runtime(config: ServerConfig, engine: EngineClient | None = None,
                  registry: AdapterRegistry | None = None) -> Runtime:
     """Load the model (unless given), open the registry against its shapes, start the engine."""
     source = DeferredAdapterSource()
     engine = engine if engine is not None else _build_engine(config, source)
     if registry is None:
-        registry = AdapterRegistry(config.adapter_dir, engine.loaded.model.linear_shapes(),
+        registry = AdapterRegistry(config.adapter_dir, engine.model.linear_shapes,
                                    config.max_upload_size)
     source.registry = registry
     for directory in config.register:
         added = registry.register_directory(directory)
         log.info("registered %d adapters from %s", len(added), directory)
     engine.start()
-    return Runtime(engine, registry, _max_len(engine, config))
-
-
-def _max_len(engine: Any, config: ServerConfig) -> int:
-    """Tokens one sequence may hold: the engine's own limit (model positions, KV cache) when
-    it reports one, else the configured ``max_model_len``."""
-    limit = getattr(getattr(engine, "engine", None), "max_len", None)
-    return int(limit if limit is not None else config.max_model_len)
+    return Runtime(engine, registry)
 
 
 @asynccontextmanager
@@ -85,7 +78,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
     runtime = await run_in_threadpool(open_runtime, state.config, state.engine_arg, state.registry_arg)
     state.engine, state.registry = runtime.engine, runtime.registry
-    state.model_name, state.max_model_len = runtime.engine.model_name, runtime.max_model_len
+    state.model_name = runtime.engine.model.name
+    backends = runtime.engine.model.backends
+    log.info("kernels: adapters %s, decode attention %s", backends.adapter, backends.decode_attention)
     state.started_at = time.time()
     log.info("serving %s with %d registered adapters", state.model_name, len(runtime.registry))
     try:
@@ -101,7 +96,7 @@ def _require_key_on_v1(request: Request) -> None:
         require_api_key(request)
 
 
-def create_app(config: ServerConfig, engine: Any = None,
+def create_app(config: ServerConfig, engine: EngineClient | None = None,
                registry: AdapterRegistry | None = None) -> FastAPI:
     """The server app. ``engine``/``registry`` may be given (already built); otherwise the
     lifespan builds them from ``config``. Either way the lifespan starts and stops the engine."""
@@ -110,7 +105,7 @@ def create_app(config: ServerConfig, engine: Any = None,
     state = app.state
     state.config, state.engine_arg, state.registry_arg = config, engine, registry
     state.engine, state.registry, state.model_name, state.stopping = None, None, None, False
-    state.metrics = metrics.ServerMetrics(state)
+    state.metrics = metrics.ServerMetrics()
     app.add_middleware(metrics.MetricsMiddleware, metrics=state.metrics)
     install_error_handlers(app)
     for module in (completions, chat, models, adapters, metrics):

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Query, Request
 from ...adapters import accounting as acc
 from ...adapters.config import AdapterConfigError
 from ...adapters.presets import MODEL_PRESETS, PAPER_TABLE1_LORA_R2, preset
+from ..engine.client import EngineClient
 from .errors import APIError, error_response
 
 LOADED = "loaded"
@@ -139,24 +140,28 @@ class BaseModel:
     kv_cache_bytes: int
 
 
-def available_bases(engine: Any) -> tuple[str, ...]:
-    loaded = (LOADED,) if getattr(engine, "hf_config", None) is not None else ()
-    return tuple(MODEL_PRESETS) + loaded
+@dataclass(frozen=True)
+class LoadedBase:
+    """The model this server runs, as the calculator sees it (from ``EngineClient``)."""
+
+    name: str
+    hf_config: Any  # transformers PretrainedConfig
+    weight_bytes: int  # measured: every byte the resident base model holds
+    kv_cache_bytes: int
 
 
-def _engine_kv_bytes(engine: Any) -> int:
-    return int(getattr(engine.stats(), "kv_cache_bytes", 0) or 0)
+def available_bases(loaded: LoadedBase | None) -> tuple[str, ...]:
+    return tuple(MODEL_PRESETS) + ((LOADED,) if loaded is not None else ())
 
 
-def resolve_base(query: CapacityQuery, engine: Any) -> BaseModel:
+def resolve_base(query: CapacityQuery, loaded: LoadedBase | None) -> BaseModel:
     kv_given = None if query.kv_cache_gb is None else acc.gib_to_bytes(query.kv_cache_gb)
-    if query.base == LOADED:
-        shape = acc.ModelShape.from_config(engine.hf_config)
+    if query.base == LOADED and loaded is not None:
+        shape = acc.ModelShape.from_config(loaded.hf_config)
         dtype = query.weight_dtype or "measured"
-        weights = (int(engine.loaded.nbytes) if dtype == "measured"
-                   else acc.base_model_nbytes(shape, dtype))
-        kv = _engine_kv_bytes(engine) if kv_given is None else kv_given
-        return BaseModel(str(getattr(engine, "model_name", LOADED)), LOADED, shape, dtype, weights, kv)
+        weights = loaded.weight_bytes if dtype == "measured" else acc.base_model_nbytes(shape, dtype)
+        kv = loaded.kv_cache_bytes if kv_given is None else kv_given
+        return BaseModel(loaded.name, LOADED, shape, dtype, weights, kv)
     shape = acc.ModelShape.from_config(preset(query.base))
     dtype = query.weight_dtype or "nf4"
     return BaseModel(query.base, "preset", shape, dtype, acc.base_model_nbytes(shape, dtype), kv_given or 0)
@@ -269,19 +274,27 @@ def capacity_report(query: CapacityQuery, base: BaseModel) -> dict[str, Any]:
     }
 
 
-def _choices(engine: Any) -> dict[str, Any]:
-    return {"bases": list(available_bases(engine)), "dtypes": list(acc.ADAPTER_DTYPE_BYTES),
+def _choices(loaded: LoadedBase | None) -> dict[str, Any]:
+    return {"bases": list(available_bases(loaded)), "dtypes": list(acc.ADAPTER_DTYPE_BYTES),
             "weight_dtypes": list(acc.WEIGHT_DTYPES), "target_modules": list(acc.ALL_TARGETS)}
 
 
-def capacity_json(params: Mapping[str, str], engine: Any) -> dict[str, Any]:
+def capacity_json(params: Mapping[str, str], loaded: LoadedBase | None) -> dict[str, Any]:
     """The whole response for raw query strings; raises CapacityRequestError."""
-    query = parse_capacity_query(params, available_bases(engine))
+    query = parse_capacity_query(params, available_bases(loaded))
     try:
-        report = capacity_report(query, resolve_base(query, engine))
+        report = capacity_report(query, resolve_base(query, loaded))
     except acc.AccountingError as err:
         raise CapacityRequestError("base", str(err)) from None
-    return {**report, "choices": _choices(engine)}
+    return {**report, "choices": _choices(loaded)}
+
+
+async def loaded_base(engine: EngineClient | None) -> LoadedBase | None:
+    if engine is None:
+        return None
+    stats = (await engine.snapshot()).stats
+    return LoadedBase(engine.model.name, engine.model.hf_config, engine.model.base_model_bytes,
+                      stats.kv_cache_bytes)
 
 
 # --- the route ----------------------------------------------------------------------------
@@ -291,7 +304,7 @@ _GB = "GiB (2**30 bytes)"
 
 
 @router.get("/v1/capacity", summary="How many adapters fit in a memory budget, PRoLoRA vs LoRA")
-def get_capacity(
+async def get_capacity(
     request: Request,
     memory_gb: str | None = Query(None, description=f"adapter memory in {_GB}; default 20"),
     base: str | None = Query(None, description="llama2-7b | llama2-13b | llama2-70b | smollm2-135m | loaded"),
@@ -309,8 +322,8 @@ def get_capacity(
              "reduce_a": reduce_a, "reduce_b": reduce_b, "gpu_gb": gpu_gb, "kv_cache_gb": kv_cache_gb,
              "weight_dtype": weight_dtype, "target_modules": target_modules}
     raw = {name: value for name, value in given.items() if value is not None}
-    engine = getattr(request.app.state, "engine", None)
+    loaded = await loaded_base(request.app.state.engine)
     try:
-        return capacity_json(raw, engine)
+        return capacity_json(raw, loaded)
     except CapacityRequestError as err:
         return error_response(APIError(400, str(err), param=err.param, code="invalid_value"))

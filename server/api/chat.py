@@ -20,8 +20,12 @@ router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
 
 def chat_prompt_ids(state: ServingState, body: ChatCompletionRequest) -> list[int]:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    tokenizer = state.engine.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, f"the model {state.engine.model.name!r} has no chat template",
+                       param="messages", code="invalid_messages")
     try:
-        text = state.engine.apply_chat_template(messages)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as err:  # noqa: BLE001 - templates raise their own errors on odd input
         raise APIError(400, f"the chat template refused the messages: {err}", param="messages",
                        code="invalid_messages") from None
@@ -96,10 +100,10 @@ class ChatWriter:
              responses={200: {"content": {"text/event-stream": {}}}})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
     state = serving_state(request)
-    adapter_id = resolve_adapter(state, body.model, body.adapter)
+    adapter = resolve_adapter(state, body.model, body.adapter)
     prompt = chat_prompt_ids(state, body)
     jobs = make_jobs(state, body, prompt)
     request_id = new_id("chatcmpl")
     writer = ChatWriter(state, body, len(prompt), request_id,
-                        response_model_name(state, body.model, adapter_id))
-    return await respond(request, state.engine, request_id, jobs, adapter_id, writer, body.stream)
+                        response_model_name(state, body.model, adapter.adapter_id))
+    return await respond(request, state.engine, request_id, jobs, adapter, writer, body.stream)

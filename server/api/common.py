@@ -1,35 +1,65 @@
-"""What completions and chat share: adapter resolution, prompt tokenization, sampling params."""
+"""What completions and chat share: adapter resolution, prompt tokenization, sampling params.
+
+Request facts have one owner each: the engine checks the prompt (empty, token ids, length), the
+adapter's existence and request ids in ``LLMEngine.add_request``; this module only resolves which
+request field names the adapter, so a 404 can name that field.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
+from prolora_serve.adapters.registry import AdapterNotFoundError
+from prolora_serve.server.engine.client import EngineClient
 from prolora_serve.server.engine.sampling import SamplingParams
 
 from .errors import APIError
 from .schemas import Usage, _Request
 
+if TYPE_CHECKING:
+    from prolora_serve.adapters.registry import AdapterRegistry
+
+    from .metrics import ServerMetrics
+
 
 @dataclass
 class ServingState:
-    """The objects every route needs, from ``request.app.state``."""
+    """The objects every generation route needs, from ``request.app.state``."""
 
-    engine: Any  # AsyncLLMEngine
-    registry: Any  # AdapterRegistry
-    metrics: Any  # ServerMetrics
-    max_model_len: int
+    engine: EngineClient
+    registry: "AdapterRegistry"
+    metrics: "ServerMetrics"
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.model.max_model_len
 
 
 def serving_state(request: Request) -> ServingState:
     state = request.app.state
-    if getattr(state, "engine", None) is None:
+    if state.engine is None:
         raise APIError(503, "the engine is not running", code="engine_stopped")
-    return ServingState(state.engine, state.registry, state.metrics, state.max_model_len)
+    return ServingState(state.engine, state.registry, state.metrics)
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    """The adapter a request runs with (None: the base model) and the field that named it."""
+
+    adapter_id: str | None
+    param: str | None  # "model" | "adapter"; None for the base model
+
+    def not_found(self, err: AdapterNotFoundError, base: str) -> APIError:
+        """The 404 for this request when the engine reports the adapter unknown."""
+        if self.param == "model":
+            return APIError(404, f"model {self.adapter_id!r} does not exist (use {base!r} or an "
+                            "adapter id)", param="model", code="model_not_found")
+        return APIError(404, str(err), param="adapter", code="adapter_not_found")
 
 
 def new_id(prefix: str) -> str:
@@ -40,47 +70,26 @@ def now() -> int:
     return int(time.time())
 
 
-def resolve_adapter(state: ServingState, model: str | None, adapter: str | None) -> str | None:
-    """The adapter id a request runs with (None = base). ``model`` may name the base model or
-    an adapter; ``adapter`` names an adapter. Unknown names are 404, never a silent base run."""
-    base = state.engine.model_name
-    if adapter is not None and adapter not in state.registry:
-        raise APIError(404, f"adapter {adapter!r} does not exist", param="adapter",
-                       code="adapter_not_found")
+def resolve_adapter(state: ServingState, model: str | None, adapter: str | None) -> AdapterChoice:
+    """Which adapter a request names. ``model`` may name the base model or an adapter;
+    ``adapter`` names an adapter. Whether it exists is the engine's check (a 404 naming the
+    field, never a silent base run)."""
+    base = state.engine.model.name
     if model is None or model == base:
-        return adapter
-    if model not in state.registry:
-        raise APIError(404, f"model {model!r} does not exist (use {base!r} or an adapter id)",
-                       param="model", code="model_not_found")
+        return AdapterChoice(adapter, "adapter" if adapter is not None else None)
     if adapter is not None and adapter != model:
         raise APIError(400, f"model names adapter {model!r} but adapter is {adapter!r}",
                        param="adapter", code="conflicting_adapter")
-    return model
+    return AdapterChoice(model, "model")
 
 
 def response_model_name(state: ServingState, model: str | None, adapter_id: str | None) -> str:
-    return model or adapter_id or state.engine.model_name
+    return model or adapter_id or state.engine.model.name
 
 
-def vocab_size(engine: Any) -> int:
-    return max(int(engine.hf_config.vocab_size), len(engine.tokenizer))
-
-
-def check_token_ids(engine: Any, ids: list[int]) -> list[int]:
-    limit = vocab_size(engine)
-    bad = [t for t in ids if not 0 <= t < limit]
-    if bad:
-        raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {limit})",
-                       param="prompt", code="invalid_token_id")
-    return ids
-
-
-def encode(engine: Any, text: str, add_special_tokens: bool = True) -> list[int]:
-    ids = list(engine.tokenizer.encode(text, add_special_tokens=add_special_tokens))
-    if not ids:
-        raise APIError(400, "the prompt is empty (it encodes to zero tokens)", param="prompt",
-                       code="empty_prompt")
-    return ids
+def encode(engine: EngineClient, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of a text prompt (the engine refuses an empty one)."""
+    return list(engine.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
 def token_budget(state: ServingState, requested: int | None, prompt_len: int) -> int:

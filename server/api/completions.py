@@ -8,8 +8,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from .auth import require_api_key
-from .common import (ServingState, check_token_ids, encode, new_id, now, resolve_adapter,
-                     response_model_name, sampling_params, serving_state, token_budget, usage)
+from prolora_serve.server.engine.client import EngineClient
+
+from .common import (ServingState, encode, new_id, now, resolve_adapter, response_model_name,
+                     sampling_params, serving_state, token_budget, usage)
 from .errors import APIError
 from .generation import ChoiceJob, ChoiceResult, respond
 from .logprobs import LegacyLogprobsBuilder
@@ -21,24 +23,19 @@ MAX_CHOICES = 128  # prompts x n in one request
 
 @dataclass
 class PromptInput:
-    text: str  # what ``echo`` returns
     token_ids: list[int]
+    text: str | None  # what ``echo`` returns; None: decoded from the ids when echoed
 
 
-def prompt_inputs(engine: Any, prompt: str | list[Any]) -> list[PromptInput]:
-    """Normalize the four prompt forms to one list of (text, token ids)."""
+def prompt_inputs(engine: EngineClient, prompt: str | list[Any]) -> list[PromptInput]:
+    """Normalize the four prompt forms to one list of (token ids, text); the engine checks
+    the ids when the request is added."""
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
         prompt = [prompt]
-    inputs = []
-    for item in prompt:
-        if isinstance(item, str):
-            inputs.append(PromptInput(item, encode(engine, item)))
-        else:
-            ids = check_token_ids(engine, list(item))
-            inputs.append(PromptInput(engine.tokenizer.decode(ids), ids))
-    return inputs
+    return [PromptInput(encode(engine, item), item) if isinstance(item, str)
+            else PromptInput(list(item), None) for item in prompt]
 
 
 def make_jobs(state: ServingState, body: CompletionRequest,
@@ -79,6 +76,8 @@ class CompletionWriter:
         self.started[index] = True
         if first and self.body.echo:
             prompt = self._prompt_of(index)
+            if prompt.text is None:  # token-id prompts: decoded once the engine accepted them
+                prompt.text = self.state.engine.tokenizer.decode(prompt.token_ids)
             text = prompt.text + text
             if self.body.logprobs is not None and output.prompt_logprobs is not None:
                 builder.add_prompt(output.prompt_logprobs, prompt.token_ids,
@@ -144,10 +143,10 @@ def _as_output(result: ChoiceResult) -> _Whole:
              responses={200: {"content": {"text/event-stream": {}}}})
 async def create_completion(body: CompletionRequest, request: Request) -> Any:
     state = serving_state(request)
-    adapter_id = resolve_adapter(state, body.model, body.adapter)
+    adapter = resolve_adapter(state, body.model, body.adapter)
     prompts = prompt_inputs(state.engine, body.prompt)
     jobs = make_jobs(state, body, prompts)
     request_id = new_id("cmpl")
     writer = CompletionWriter(state, body, prompts, request_id,
-                              response_model_name(state, body.model, adapter_id))
-    return await respond(request, state.engine, request_id, jobs, adapter_id, writer, body.stream)
+                              response_model_name(state, body.model, adapter.adapter_id))
+    return await respond(request, state.engine, request_id, jobs, adapter, writer, body.stream)

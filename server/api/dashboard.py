@@ -1,7 +1,7 @@
 """The capacity dashboard: the page, its static assets, ``/v1/capacity`` and the live state.
 
 Mount with ``app.include_router(dashboard.router)``. The routes read ``app.state.engine``
-(an AsyncLLMEngine, or None) and ``app.state.registry`` (an AdapterRegistry, or None).
+(an ``EngineClient``, or None) and ``app.state.registry`` (an AdapterRegistry, or None).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from ...adapters.accounting import AdapterVariant
 from ...adapters.config import AdapterConfigError, ProLoRAConfig
+from ..engine.client import EngineClient, EngineSnapshot, ModelInfo
+from ..engine.residency import AdapterCacheStats, ResidentAdapterInfo
 from . import capacity
 from .errors import APIError, error_response
 
@@ -56,10 +58,6 @@ def dashboard_asset(name: str) -> Response:
 
 
 # --- live state ---------------------------------------------------------------------------
-def _record_id(record: Any) -> str:
-    return str(getattr(record, "adapter_id", None) or getattr(record, "id"))
-
-
 def config_label(config: dict[str, Any]) -> str:
     """``LoRA r=16`` / ``PRoLoRA r=32 u=4 m=n=7`` for an adapter_config dict."""
     try:
@@ -79,66 +77,65 @@ def _adapter_json(adapter_id: str, config: Any, num_params: int, nbytes: int) ->
 def _registered(registry: Any) -> list[dict[str, Any]]:
     if registry is None:
         return []
-    return [_adapter_json(_record_id(rec), rec.config, rec.num_params, rec.nbytes)
+    return [_adapter_json(rec.adapter_id, rec.config, rec.num_params, rec.nbytes)
             for rec in registry.list()]
 
 
-def _resident(cache: Any) -> list[dict[str, Any]]:
-    entries = sorted(cache.resident(), key=lambda info: info.last_used, reverse=True)
+def _resident(resident: list[ResidentAdapterInfo]) -> list[dict[str, Any]]:
+    entries = sorted(resident, key=lambda info: info.last_used, reverse=True)
     return [{**_adapter_json(info.adapter_id, info.config, info.num_params, info.nbytes),
              "last_used": float(info.last_used), "in_use": int(info.in_use)} for info in entries]
 
 
-def _cache_json(cache: Any) -> dict[str, Any] | None:
+def _cache_json(cache: AdapterCacheStats | None) -> dict[str, Any] | None:
     if cache is None:  # an engine built without an adapter source
         return None
-    hits, misses = int(cache.hits), int(cache.misses)
-    return {"budget_bytes": int(cache.budget_bytes), "used_bytes": int(cache.used_bytes),
-            "hits": hits, "misses": misses, "loads": int(cache.loads),
-            "evictions": int(cache.evictions),
+    hits, misses = cache.hits, cache.misses
+    return {"budget_bytes": cache.budget_bytes, "used_bytes": cache.used_bytes,
+            "hits": hits, "misses": misses, "loads": cache.loads, "evictions": cache.evictions,
             "hit_rate": hits / (hits + misses) if hits + misses else None}
 
 
-def _stats_dict(engine: Any) -> dict[str, Any]:
-    stats = engine.stats()
-    return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(vars(stats))
-
-
 def _pick(stats: dict[str, Any], *names: str) -> dict[str, Any]:
-    return {name: stats.get(name) for name in names}
+    return {name: stats[name] for name in names}
 
 
-def _engine_json(engine: Any) -> dict[str, Any]:
-    stats = _stats_dict(engine)
+def _engine_json(model: ModelInfo, snapshot: EngineSnapshot) -> dict[str, Any]:
+    stats = dataclasses.asdict(snapshot.stats)
     return {
-        "model": getattr(engine, "model_name", None),
-        "base_model_bytes": stats.get("base_model_bytes"),
+        "model": model.name,
+        "backends": dataclasses.asdict(model.backends),
+        "base_model_bytes": stats["base_model_bytes"],
         "kv_cache": _pick(stats, "kv_cache_bytes", "kv_blocks_total", "kv_blocks_used"),
         "scheduler": _pick(stats, "num_waiting", "num_running", "last_batch_size", "last_batch_tokens"),
         "counters": _pick(stats, "num_requests", "num_finished", "num_aborted", "num_preemptions",
                           "num_steps", "prompt_tokens", "generated_tokens"),
-        "adapter_cache": _cache_json(engine.adapter_cache),
+        "adapter_cache": _cache_json(snapshot.stats.adapter_cache),
     }
 
 
 def _no_engine_json() -> dict[str, Any]:
-    return {"model": None, "base_model_bytes": None, "kv_cache": None, "scheduler": None,
-            "counters": None, "adapter_cache": None}
+    return {"model": None, "backends": None, "base_model_bytes": None, "kv_cache": None,
+            "scheduler": None, "counters": None, "adapter_cache": None}
 
 
-def dashboard_state(engine: Any, registry: Any) -> dict[str, Any]:
+def dashboard_state(model: ModelInfo | None, snapshot: EngineSnapshot | None,
+                    registry: Any) -> dict[str, Any]:
     """What is resident now, what is registered but cold, and the engine's counters."""
-    cache = getattr(engine, "adapter_cache", None)
-    resident = _resident(cache) if cache is not None else []
+    resident = _resident(snapshot.resident) if snapshot is not None else []
     resident_ids = {entry["id"] for entry in resident}
     registered = _registered(registry)
-    state = _engine_json(engine) if engine is not None else _no_engine_json()
-    return {**state, "time": time.time(), "engine_running": engine is not None,
+    running = model is not None and snapshot is not None
+    state = _engine_json(model, snapshot) if running else _no_engine_json()
+    return {**state, "time": time.time(), "engine_running": running,
             "num_registered": len(registered) if registry is not None else None,
             "resident": resident, "cold": [e for e in registered if e["id"] not in resident_ids]}
 
 
 @router.get("/v1/dashboard/state", summary="Live memory and adapter-cache state for the dashboard")
-def get_dashboard_state(request: Request) -> dict[str, Any]:
+async def get_dashboard_state(request: Request) -> dict[str, Any]:
     state = request.app.state
-    return dashboard_state(getattr(state, "engine", None), getattr(state, "registry", None))
+    engine: EngineClient | None = state.engine
+    if engine is None:
+        return dashboard_state(None, None, state.registry)
+    return dashboard_state(engine.model, await engine.snapshot(), state.registry)

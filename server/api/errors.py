@@ -54,18 +54,18 @@ def error_response(err: APIError, headers: dict[str, str] | None = None) -> JSON
     return JSONResponse(body, status_code=err.status, headers=headers)
 
 
-# (exception class, status, code) — most specific first.
-_MAPPED: list[tuple[type[Exception], int, str]] = [
-    (engine_errors.QueueFullError, 429, "queue_full"),
-    (engine_errors.UnknownAdapterError, 404, "adapter_not_found"),
-    (engine_errors.AdapterTooLargeError, 413, "adapter_too_large"),
-    (engine_errors.PromptTooLongError, 400, "context_length_exceeded"),
-    (engine_errors.EngineStoppedError, 503, "engine_stopped"),
-    (reg.AdapterNotFoundError, 404, "adapter_not_found"),
-    (reg.DuplicateAdapterError, 409, "adapter_exists"),
-    (reg.UploadTooLargeError, 413, "upload_too_large"),
-    (reg.InvalidAdapterIdError, 400, "invalid_adapter_id"),
-    (reg.InvalidAdapterError, 400, "invalid_adapter"),
+# (exception class, status, code, param) — most specific first.
+_MAPPED: list[tuple[type[Exception], int, str, str | None]] = [
+    (engine_errors.QueueFullError, 429, "queue_full", None),
+    (engine_errors.AdapterTooLargeError, 413, "adapter_too_large", None),
+    (engine_errors.PromptTooLongError, 400, "context_length_exceeded", None),
+    (engine_errors.InvalidPromptError, 400, "invalid_prompt", "prompt"),
+    (engine_errors.EngineStoppedError, 503, "engine_stopped", None),
+    (reg.AdapterNotFoundError, 404, "adapter_not_found", None),
+    (reg.DuplicateAdapterError, 409, "adapter_exists", None),
+    (reg.UploadTooLargeError, 413, "upload_too_large", None),
+    (reg.InvalidAdapterIdError, 400, "invalid_adapter_id", None),
+    (reg.InvalidAdapterError, 400, "invalid_adapter", None),
 ]
 
 
@@ -73,9 +73,9 @@ def as_api_error(err: Exception) -> APIError:
     """The ``APIError`` for a known engine/registry exception (500 for anything else)."""
     if isinstance(err, APIError):
         return err
-    for cls, status, code in _MAPPED:
+    for cls, status, code, param in _MAPPED:
         if isinstance(err, cls):
-            return APIError(status, str(err), code=code)
+            return APIError(status, str(err), param=param, code=code)
     log.exception("unexpected error", exc_info=err)
     return APIError(500, "internal server error", code="internal_error")
 

@@ -14,9 +14,12 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from prolora_serve.adapters.registry import AdapterNotFoundError
+from prolora_serve.server.engine.client import EngineClient
 from prolora_serve.server.engine.errors import EngineError
 from prolora_serve.server.engine.sampling import SamplingParams
 
+from .common import AdapterChoice
 from .errors import APIError
 from .streaming import sse_events
 
@@ -29,7 +32,7 @@ class ChoiceJob:
     """One engine request: the ``index`` of its choice in the response."""
 
     index: int
-    prompt: str | list[int]
+    prompt: list[int]
     params: SamplingParams
 
 
@@ -60,12 +63,14 @@ class ChoiceResult:
 _DONE = object()
 
 
-async def _pump(engine: Any, request_id: str, job: ChoiceJob, adapter_id: str | None,
+async def _pump(engine: EngineClient, request_id: str, job: ChoiceJob, adapter: AdapterChoice,
                 queue: asyncio.Queue) -> None:
     try:
         async for output in engine.generate(f"{request_id}-{job.index}", job.prompt, job.params,
-                                            adapter_id):
+                                            adapter.adapter_id):
             await queue.put((job.index, output))
+    except AdapterNotFoundError as err:
+        await queue.put((job.index, adapter.not_found(err, engine.model.name)))
     except EngineError as err:
         await queue.put((job.index, err))
     except ValueError as err:  # the engine's own checks on the prompt/params: bad input
@@ -76,12 +81,12 @@ async def _pump(engine: Any, request_id: str, job: ChoiceJob, adapter_id: str | 
         await queue.put((job.index, _DONE))
 
 
-async def merged_outputs(engine: Any, request_id: str, jobs: list[ChoiceJob],
-                         adapter_id: str | None) -> AsyncIterator[tuple[int, Any]]:
+async def merged_outputs(engine: EngineClient, request_id: str, jobs: list[ChoiceJob],
+                         adapter: AdapterChoice) -> AsyncIterator[tuple[int, Any]]:
     """``(choice index, RequestOutput delta)`` from all jobs as they arrive; the first
     error of any job is raised (the other jobs are aborted)."""
     queue: asyncio.Queue = asyncio.Queue()
-    tasks = [asyncio.create_task(_pump(engine, request_id, job, adapter_id, queue)) for job in jobs]
+    tasks = [asyncio.create_task(_pump(engine, request_id, job, adapter, queue)) for job in jobs]
     running = len(tasks)
     try:
         while running:
@@ -133,10 +138,10 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
         task.cancel()
 
 
-async def respond(request: Request, engine: Any, request_id: str, jobs: list[ChoiceJob],
-                  adapter_id: str | None, writer: Any, stream: bool) -> Any:
+async def respond(request: Request, engine: EngineClient, request_id: str, jobs: list[ChoiceJob],
+                  adapter: AdapterChoice, writer: Any, stream: bool) -> Any:
     """Run an API call's choices: an SSE stream through ``writer``, or one gathered response."""
-    outputs = merged_outputs(engine, request_id, jobs, adapter_id)
+    outputs = merged_outputs(engine, request_id, jobs, adapter)
     if stream:
         _, outputs = await until_disconnected(request, first_and_rest(outputs))
         return StreamingResponse(sse_events(outputs, writer), media_type="text/event-stream")

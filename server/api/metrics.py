@@ -1,7 +1,7 @@
 """Prometheus metrics, one ``CollectorRegistry`` per app (so several apps never collide).
 
 Request counts/latency come from an ASGI middleware; token counters from the routes; the
-engine's gauges and cache counters are read from ``engine.stats()`` at scrape time.
+engine's gauges and cache counters come from one ``EngineClient.snapshot()`` per scrape.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from ..engine.client import EngineClient
+from ..engine.engine import EngineStats
 
 PREFIX = "prolora"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -36,13 +39,21 @@ class _EmptyCacheStats:
 _NO_CACHE = _EmptyCacheStats()
 
 
+@dataclass
+class ScrapeState:
+    """What one scrape reports beyond the HTTP counters (None: no engine running)."""
+
+    stats: EngineStats | None = None
+    num_registered: int = 0
+
+
 class EngineCollector(Collector):
-    """Reads live engine, cache and registry state at every scrape."""
+    """Reports the engine, cache and registry state read for the current scrape."""
 
-    def __init__(self, app_state: Any) -> None:
-        self.app_state = app_state
+    def __init__(self) -> None:
+        self.current = ScrapeState()
 
-    def _gauges(self, stats: Any, registry: Any) -> Iterator[GaugeMetricFamily]:
+    def _gauges(self, stats: EngineStats, num_registered: int) -> Iterator[GaugeMetricFamily]:
         cache = stats.adapter_cache or _NO_CACHE
         for name, doc, value in (
             ("queue_depth", "requests waiting to be scheduled", stats.num_waiting),
@@ -55,7 +66,7 @@ class EngineCollector(Collector):
             ("adapter_cache_budget_bytes", "adapter cache byte budget", cache.budget_bytes),
             ("adapter_resident_bytes", "bytes of resident adapter weights", cache.used_bytes),
             ("adapters_resident", "adapters resident in the device cache", cache.num_resident),
-            ("adapters_registered", "adapters in the registry", len(registry) if registry is not None else 0),
+            ("adapters_registered", "adapters in the registry", num_registered),
         ):
             yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
@@ -66,18 +77,17 @@ class EngineCollector(Collector):
             yield CounterMetricFamily(f"{PREFIX}_adapter_cache_{name}", doc, value=getattr(cache, name))
 
     def collect(self) -> Iterator[Any]:
-        engine = getattr(self.app_state, "engine", None)
-        if engine is None:
+        stats = self.current.stats
+        if stats is None:
             return
-        stats = engine.stats()
-        yield from self._gauges(stats, getattr(self.app_state, "registry", None))
+        yield from self._gauges(stats, self.current.num_registered)
         yield from self._counters(stats.adapter_cache or _NO_CACHE)
 
 
 class ServerMetrics:
     """The app's metric objects and its private registry."""
 
-    def __init__(self, app_state: Any) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(f"{PREFIX}_http_requests", "HTTP requests by endpoint and status",
                                 ["method", "endpoint", "status"], registry=self.registry)
@@ -88,13 +98,16 @@ class ServerMetrics:
                                      registry=self.registry)
         self.generated_tokens = Counter(f"{PREFIX}_generated_tokens", "tokens generated",
                                         registry=self.registry)
-        self.registry.register(EngineCollector(app_state))
+        self.engine_collector = EngineCollector()
+        self.registry.register(self.engine_collector)
 
     def record_tokens(self, prompt: int, generated: int) -> None:
         self.prompt_tokens.inc(prompt)
         self.generated_tokens.inc(generated)
 
-    def render(self) -> bytes:
+    def render(self, scrape: ScrapeState) -> bytes:
+        # no await between setting and rendering: concurrent scrapes cannot interleave here
+        self.engine_collector.current = scrape
         return generate_latest(self.registry)
 
 
@@ -137,5 +150,10 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics")
-def get_metrics(request: Request) -> Response:
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+async def get_metrics(request: Request) -> Response:
+    state = request.app.state
+    engine: EngineClient | None = state.engine
+    registry = state.registry
+    scrape = ScrapeState((await engine.snapshot()).stats if engine is not None else None,
+                         len(registry) if registry is not None else 0)
+    return Response(state.metrics.render(scrape), media_type=CONTENT_TYPE_LATEST)

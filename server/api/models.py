@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from prolora_serve.server.engine.client import EngineClient
+
 from .auth import require_api_key
 from .errors import APIError
-from .schemas import Health, ModelCard, ModelList
+from .schemas import Health, KernelBackendNames, ModelCard, ModelList
 
 router = APIRouter(tags=["openai"])
 
@@ -38,8 +42,11 @@ def get_model(model_id: str, request: Request) -> ModelCard:
             responses={503: {"model": Health}})
 def health(request: Request) -> JSONResponse:
     state = request.app.state
-    engine = getattr(state, "engine", None)
+    engine: EngineClient | None = state.engine
     running = engine is not None and engine.is_running and not state.stopping
-    body = Health(status="ok" if running else "unavailable", model=getattr(state, "model_name", None),
-                  adapters=len(state.registry) if getattr(state, "registry", None) is not None else None)
+    backends = (KernelBackendNames(**dataclasses.asdict(engine.model.backends))
+                if engine is not None else None)
+    body = Health(status="ok" if running else "unavailable", model=state.model_name,
+                  adapters=len(state.registry) if state.registry is not None else None,
+                  backends=backends)
     return JSONResponse(body.model_dump(), status_code=200 if running else 503)

@@ -221,8 +221,14 @@ class AdapterDeleted(BaseModel):
     deleted: bool = True
 
 
+class KernelBackendNames(BaseModel):
+    adapter: str  # cpu | torch | triton | reference
+    decode_attention: str  # cpu | sdpa
+
+
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     model: str | None = None
     adapters: int | None = None
+    backends: KernelBackendNames | None = None  # which kernels run: a slow fallback shows here
 

@@ -1,4 +1,5 @@
-"""The engine for asyncio callers: the step loop runs in a background thread.
+"""The engine for asyncio callers (the in-process ``EngineClient``): the step loop runs in a
+background thread.
 
 The forward releases the GIL, so the event loop keeps serving HTTP while a step runs. Each
 request has an asyncio queue; the step thread feeds it with ``loop.call_soon_threadsafe``.
@@ -12,6 +13,7 @@ import logging
 import threading
 from typing import Any, AsyncIterator, Sequence as Seq
 
+from .client import EngineSnapshot, ModelInfo
 from .engine import EngineConfig, EngineStats, LLMEngine, RequestOutput
 from .errors import EngineStoppedError
 from .residency import AdapterCache, AdapterSource
@@ -32,12 +34,20 @@ class AsyncLLMEngine:
             engine.adapter_cache.on_loaded = self._wake.set
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._model = ModelInfo(
+            name=engine.model_name, max_model_len=engine.max_len, hf_config=engine.hf_config,
+            base_model_bytes=engine.loaded.nbytes,
+            linear_shapes=engine.loaded.model.linear_shapes(), backends=engine.runner.backends)
 
     @classmethod
     def from_config(cls, config: EngineConfig, adapter_source: AdapterSource | None = None) -> "AsyncLLMEngine":
         return cls(LLMEngine.from_config(config, adapter_source))
 
-    # --- what the API reads -----------------------------------------------------------------
+    # --- EngineClient: what the API reads --------------------------------------------------
+    @property
+    def model(self) -> ModelInfo:
+        return self._model
+
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
@@ -65,10 +75,13 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
-        return self.engine.apply_chat_template(messages)
+    async def snapshot(self) -> EngineSnapshot:
+        cache = self.engine.adapter_cache
+        return EngineSnapshot(self.engine.stats(), cache.resident() if cache is not None else [])
 
-    def forget_adapter(self, adapter_id: str) -> None:
+    async def forget_adapter(self, adapter_id: str) -> None:
+        """New requests cannot get the old weights once this returns (the registry no longer
+        has them, and the cache retires its entry now)."""
         self.engine.forget_adapter(adapter_id)
         self._wake.set()
 
@@ -134,15 +147,14 @@ class AsyncLLMEngine:
         if adapter_id is not None:  # read it (off the step thread) before queueing
             await asyncio.wrap_future(self.engine.prepare_adapter(adapter_id))
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        # The engine's add_request owns every request check (ids included); holding the streams
+        # lock across it means the step thread cannot dispatch an output before the stream exists.
         with self._streams_lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        added = finished = False
-        try:
             self.engine.add_request(request_id, prompt, params, adapter_id)
-            added = True
-            self._wake.set()
+            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        self._wake.set()
+        finished = False
+        try:
             while not finished:
                 output = await queue.get()
                 finished = output.finished
@@ -152,9 +164,13 @@ class AsyncLLMEngine:
         finally:
             with self._streams_lock:
                 self._streams.pop(request_id, None)
-            if added and not finished:
-                self.abort(request_id)
+            if not finished:
+                self._abort_now(request_id)
 
-    def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str) -> None:
+        self._abort_now(request_id)
+
+    def _abort_now(self, request_id: str) -> None:
+        """Takes effect at the next step (callable from any thread)."""
         self.engine.abort(request_id)
         self._wake.set()

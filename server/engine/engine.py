@@ -19,7 +19,8 @@ import torch
 from ...adapters.weights import ADAPTER_TORCH_DTYPES
 from ..config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, StopStringText, TokenTextCache
-from .errors import PromptTooLongError, QueueFullError, UnknownAdapterError
+from ...adapters.registry import AdapterNotFoundError
+from .errors import InvalidPromptError, PromptTooLongError, QueueFullError
 from .kv_cache import BlockAllocator, KVCache
 from .model import head_dim_of
 from .model_runner import ModelRunner, StepLogits
@@ -163,17 +164,22 @@ class LLMEngine:
 
     # --- requests (any thread) -------------------------------------------------------------
     def encode_prompt(self, prompt: str | Seq[int]) -> list[int]:
+        """Token ids of a prompt; ids given by the caller must index the embedding (its rows,
+        ``vocab_size``, can be fewer than the tokenizer's ids when tokens were added)."""
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt))
         ids = list(prompt)
         vocab = self.hf_config.vocab_size
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        bad = [t for t in ids if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab)]
+        if bad:
+            raise InvalidPromptError(f"prompt token ids must be integers in [0, {vocab}); "
+                                     f"got {bad[0]!r}")
         return ids
 
     def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams,
                     adapter_id: str | None = None) -> None:
-        """Validate and queue a request; raises before queueing anything on bad input."""
+        """Validate and queue a request; raises before queueing anything on bad input. The one
+        owner of every request check: prompt, adapter, request id, queue bound."""
         prompt_ids = self.encode_prompt(prompt)
         self._check_prompt(prompt_ids)
         self._check_adapter(adapter_id)
@@ -190,7 +196,7 @@ class LLMEngine:
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidPromptError("the prompt is empty (it encodes to zero tokens)")
         if len(prompt_ids) >= self.max_len:
             raise PromptTooLongError(
                 f"the prompt has {len(prompt_ids)} tokens; at most {self.max_len - 1} fit "
@@ -201,13 +207,15 @@ class LLMEngine:
         if adapter_id is None:
             return
         if self.adapter_source is None or not self.adapter_source.has_adapter(adapter_id):
-            raise UnknownAdapterError(f"adapter {adapter_id!r} is not registered")
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist")
 
     def prepare_adapter(self, adapter_id: str) -> Future[int]:
-        """Start reading an adapter in the background; the future raises UnknownAdapterError,
-        AdapterTooLargeError or a format error, else gives its resident bytes."""
-        self._check_adapter(adapter_id)
-        assert self.adapter_cache is not None
+        """Start reading an adapter in the background; the future raises AdapterNotFoundError
+        (from the source's read), AdapterTooLargeError or a format error, else gives its
+        resident bytes."""
+        if self.adapter_cache is None:
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist (this engine "
+                                       "serves no adapters)")
         return self.adapter_cache.prepare(adapter_id)
 
     def abort(self, request_id: str) -> None:
@@ -368,8 +376,3 @@ class LLMEngine:
             forward_seconds=counters.forward_s,
             postprocess_seconds=counters.postprocess_s,
         )
-
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"the model {self.model_name!r} has no chat template")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

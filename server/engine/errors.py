@@ -1,4 +1,7 @@
-"""Errors the engine raises to its callers; the API maps each class to one HTTP status."""
+"""Errors the engine raises to its callers; the API maps each class to one HTTP status.
+
+An unknown adapter is the registry's ``AdapterNotFoundError`` (adapters/registry.py), raised by
+the adapter source and checked once, in ``LLMEngine.add_request``."""
 
 from __future__ import annotations
 
@@ -11,11 +14,8 @@ class QueueFullError(EngineError):
     """The waiting queue holds ``max_queue`` requests already (API: 429)."""
 
 
-class UnknownAdapterError(EngineError, KeyError):
-    """The adapter id is not in the registry (API: 404)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else "unknown adapter"
+class InvalidPromptError(EngineError, ValueError):
+    """The prompt is empty or holds token ids outside the model's embedding (API: 400)."""
 
 
 class AdapterTooLargeError(EngineError, ValueError):

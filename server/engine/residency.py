@@ -20,14 +20,14 @@ import torch
 
 from ...adapters.weights import CompactAdapter
 from ...kernels import AdapterWeightPool
-from .errors import AdapterTooLargeError, UnknownAdapterError
+from .errors import AdapterTooLargeError
 
 
 class AdapterSource(Protocol):
     """Where adapters come from (the on-disk registry implements it)."""
 
     def load_adapter(self, adapter_id: str) -> CompactAdapter:
-        """The adapter's compact weights on the CPU; raises UnknownAdapterError."""
+        """The adapter's compact weights on the CPU; raises AdapterNotFoundError."""
 
     def has_adapter(self, adapter_id: str) -> bool: ...
 
@@ -116,18 +116,13 @@ class AdapterCache:
             self.on_loaded()
 
     def _read(self, adapter_id: str) -> CompactAdapter:
-        try:
-            adapter = self.source.load_adapter(adapter_id)
-            self.pool.check_representable(adapter)
-            return adapter
-        except UnknownAdapterError:
-            raise
-        except KeyError as err:  # the registry's own not-found error (adapters/ cannot import ours)
-            raise UnknownAdapterError(str(err)) from err
+        adapter = self.source.load_adapter(adapter_id)
+        self.pool.check_representable(adapter)
+        return adapter
 
     def prepare(self, adapter_id: str) -> Future[int]:
         """Start reading the adapter in the background; the future gives its resident bytes
-        or raises UnknownAdapterError / AdapterTooLargeError / a format error."""
+        or raises AdapterNotFoundError / AdapterTooLargeError / a format error."""
         result: Future[int] = Future()
         with self._lock:
             entry = self._lru.get(adapter_id)

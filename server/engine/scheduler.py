@@ -67,8 +67,7 @@ class Scheduler:
 
     # --- requests -----------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        if seq.request_id in self.requests:
-            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        """Queue a request the engine accepted (the engine owns the request checks)."""
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
 
