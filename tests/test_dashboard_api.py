@@ -309,6 +309,8 @@ def test_real_app_state_follows_residency(real_server: Any) -> None:
     state = httpx.get(f"{real_server.url}/v1/dashboard/state").json()
     assert state["engine_running"] is True and state["model"] == engine.model_name
     assert state["base_model_bytes"] == engine.loaded.nbytes
+    assert state["backends"] == {"adapter": engine.model.backends.adapter,
+                                 "decode_attention": engine.model.backends.decode_attention}
     assert state["kv_cache"]["kv_cache_bytes"] == engine.stats().kv_cache_bytes
     assert state["num_registered"] == 3
     resident = {entry["id"]: entry for entry in state["resident"]}

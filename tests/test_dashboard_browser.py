@@ -261,6 +261,8 @@ def test_real_app_page_asks_for_the_key_then_shows_live_residency(browser: Any, 
     page.wait_for_function("() => document.querySelector('#resident-count').textContent === '1'")
     assert not page.is_visible("#key-form")
     assert page.text_content("#engine-pill") == f"serving {keyed_server.app.state.model_name}"
+    backends = keyed_server.app.state.engine.model.backends  # a slow fallback is visible here
+    assert page.text_content('[data-stat="backends"] .v') == f"{backends.adapter} · {backends.decode_attention}"
     resident = page.locator("#resident tbody tr[data-adapter-id]")
     assert resident.evaluate_all("rows => rows.map(r => r.dataset.adapterId)") == ["gamma"]
     record = keyed_server.app.state.registry.get("gamma")

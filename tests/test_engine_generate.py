@@ -19,6 +19,7 @@ from prolora_serve.adapters.config import ProLoRAConfig
 from prolora_serve.adapters.dense import delta_weight
 from prolora_serve.adapters.weights import CompactAdapter
 from prolora_serve.server.engine.async_engine import AsyncLLMEngine
+from prolora_serve.server.engine.client import EngineClient
 from prolora_serve.server.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from prolora_serve.server.engine.errors import (
     AdapterTooLargeError,
@@ -396,6 +397,10 @@ def test_closing_the_stream_early_or_cancelling_aborts(tiny: Tiny) -> None:
 
 def test_async_errors_are_raised_to_the_caller(tiny: Tiny) -> None:
     engine = async_engine(tiny, adapter_memory=1000)
+    assert isinstance(engine, EngineClient)  # the API's one seam to the engine
+    info = engine.model
+    assert info.max_model_len == engine.engine.max_len and info.name == engine.engine.model_name
+    assert info.linear_shapes == engine.engine.loaded.model.linear_shapes()
     try:
         with pytest.raises(AdapterNotFoundError):
             asyncio.run(consume(engine, "u", "hi", greedy(), "missing"))

@@ -307,6 +307,8 @@ def test_metrics_expose_requests_tokens_and_engine_state(server, client, base_na
 def test_health(server) -> None:
     body = httpx.get(f"{server.url}/health").json()
     assert body["status"] == "ok" and body["adapters"] == 3
+    # float32 on the CPU: the fused C++ adapter kernel and decode attention, never a silent fallback
+    assert body["backends"] == {"adapter": "cpu", "decode_attention": "cpu"}
 
 
 # ---- slots are freed when a streaming client goes away -------------------------------------

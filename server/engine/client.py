@@ -9,7 +9,7 @@ implements it again, so the routes stay one set of code. Calls that may cross a 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, AsyncIterator, Protocol, runtime_checkable
 
 from .residency import ResidentAdapterInfo
 from .sampling import SamplingParams
@@ -48,6 +48,7 @@ class EngineSnapshot:
     resident: list[ResidentAdapterInfo]
 
 
+@runtime_checkable
 class EngineClient(Protocol):
     """Generation, aborts, adapter residency and stats of one engine (or a set of replicas)."""
 

@@ -386,8 +386,11 @@
     const sched = state.scheduler;
     const counters = state.counters;
     const blocks = kv && kv.kv_blocks_total !== null ? `${fmtInt(kv.kv_blocks_used)} of ${fmtInt(kv.kv_blocks_total)} blocks in use` : "";
+    const kernels = state.backends;
     $("live-stats").replaceChildren(
       stat("Base model weights", fmtBytes(state.base_model_bytes), "base_model_bytes"),
+      stat("Kernels", kernels ? `${kernels.adapter} · ${kernels.decode_attention}` : "—", "backends",
+           "adapter apply · decode attention"),
       stat("KV cache", kv ? fmtBytes(kv.kv_cache_bytes) : "—", "kv_cache", blocks),
       stat("Adapter cache", cache ? fmtBytes(cache.used_bytes) : "—", "adapter_cache",
            cache ? `of ${fmtBytes(cache.budget_bytes)} budget` : ""),
