@@ -131,6 +131,33 @@ def _register_optional(module: str, function: str, subparsers: Any) -> None:
     register(subparsers)
 
 
+# ---- benchmarks -------------------------------------------------------------------------------
+# name -> (module with main(argv), what it measures); each prints JSON, then a table.
+BENCHMARKS = {
+    "kernels": ("prolora_serve.kernels.bench", "adapter kernels: compact PRoLoRA vs gathered LoRA, per module"),
+    "engine": ("prolora_serve.server.engine.bench", "engine tokens/s: base, mixed adapters, PEFT peers, RSS"),
+    "model": ("prolora_serve.server.engine.bench_model", "base model decode steps per weight format"),
+    "demo-quality": ("prolora_serve.server.training.evaluate_demo", "demo adapters against the base model"),
+    "param-efficiency": ("prolora_serve.server.training.param_efficiency",
+                         "PRoLoRA vs LoRA at equal parameters (trains)"),
+}
+
+
+def add_bench_commands(subparsers: Any) -> None:
+    bench = subparsers.add_parser(
+        "bench", help="run a benchmark (JSON, then a table)",
+        description="Benchmarks, one command group. Options after the benchmark's name go to it "
+                    "(prolora-serve bench kernels --help).")
+    kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, (module, summary) in BENCHMARKS.items():
+        kinds.add_parser(name, help=summary, add_help=False).set_defaults(
+            func=_run_benchmark, benchmark_module=module, forwards_arguments=True)
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(args.benchmark_module).main(args.forwarded) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prolora-serve",
@@ -138,12 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_command(commands)
     add_adapter_commands(commands)
+    add_bench_commands(commands)
     _register_optional("prolora_serve.server.training.cli", "register", commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "forwards_arguments", False):
+        args.forwarded = rest  # a benchmark parses its own options
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return int(args.func(args) or 0)
 
 

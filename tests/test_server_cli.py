@@ -71,3 +71,20 @@ def test_serve_command_end_to_end(tiny_llama_dir, tmp_path) -> None:
         process.wait(timeout=60)
     assert process.returncode == 0
     assert (tmp_path / "store" / "demo-a.safetensors").is_file()
+
+
+def test_bench_is_one_command_group_forwarding_each_benchmarks_options(capsys) -> None:
+    import pytest
+
+    from prolora_serve.server import cli
+
+    own_option = {"kernels": "--pool-dtype", "engine": "--rss-counts", "model": "--batches",
+                  "demo-quality": "--threads", "param-efficiency": "--threads"}
+    assert set(cli.BENCHMARKS) == set(own_option)
+    for name, option in own_option.items():
+        with pytest.raises(SystemExit) as done:
+            cli.main(["bench", name, "--help"])
+        assert done.value.code == 0 and option in capsys.readouterr().out, name
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--no-such-flag"])  # only benchmarks take options they parse themselves
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

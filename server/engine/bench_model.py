@@ -82,7 +82,7 @@ def print_table(results: dict) -> None:
               f"{r['step_ms_median']:10.2f} {r['step_ms_min']:8.2f} {r['tokens_per_s']:8.1f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtypes", nargs="+", default=["nf4", "fp32"],
                         choices=["nf4", "int8", "int8-bnb", "bf16", "fp32"])
@@ -93,7 +93,7 @@ def main() -> None:
                         help="an empty directory measures the first conversion and quantization")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (1 is steadier on a shared CPU)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run(args.dtypes, args.batches, args.context, args.steps, args.cache_dir)

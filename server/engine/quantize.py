@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .quiet import quiet_unactionable_warnings; quiet_unactionable_warnings()  # before bitsandbytes logs at import
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import torch

@@ -10,8 +10,8 @@ kernels` ...". It then uses its native ``gemv_4bit_inference_cpu_nf4_bf16``, the
 the message is noise in every start-up log. It stays visible at DEBUG.
 
 ``quiet_unactionable_warnings()`` must run before bitsandbytes is first imported (the message
-is logged during that import): quantize.py, the server's first importer of bitsandbytes, calls
-it on its first line. Other bitsandbytes messages, and this logger's other messages, are
+is logged during that import): the engine package's ``__init__`` calls it, so it runs before
+quantize.py or bench_model.py import bitsandbytes. Other bitsandbytes messages, and this logger's other messages, are
 left alone.
 """
 
