@@ -227,3 +227,10 @@ def test_env_fills_what_flags_leave_and_flags_win(monkeypatch) -> None:
     config = cli.server_config(args)
     assert config.engine.max_queue == 7 and config.engine.adapter_backend == "reference"
     assert config.api_key is None
+
+
+def test_readme_documents_every_serve_option() -> None:
+    readme = (DOCKER.parent / "README.md").read_text()
+    missing = [settings.flag_name(f.name) for f, _ in settings.declared_options(ServerConfig)
+               if f"`{settings.flag_name(f.name)}" not in readme]
+    assert not missing, f"README's configuration table lacks {missing}"
