@@ -455,7 +455,9 @@ def test_default_nf4_model_knows_the_capital_of_france(default_model_nf4) -> Non
     engine = AsyncLLMEngine(LLMEngine(EngineConfig(kv_cache_memory=32 << 20), default_model_nf4))
     engine.start()
     try:
-        prompt = engine.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+        prompt = engine.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
+            add_generation_prompt=True)
         result = asyncio.run(consume(engine, "paris", prompt, SamplingParams(max_tokens=24, temperature=0)))
     finally:
         engine.shutdown()

@@ -200,3 +200,58 @@ def test_tiny_top_p_keeps_the_most_likely_token() -> None:
     params = [SamplingParams(temperature=1.0, top_p=3.5e-133)]
     probs = sampling_probs(logits, params)
     assert torch.equal(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+
+
+# ---- logits processors: bias, min_tokens, penalties against the float64 reference -------------
+def _history(prompt: list[int], output: list[int], **params) -> "Sequence":
+    from prolora_serve.server.engine.sequence import Sequence
+
+    seq = Sequence("r", prompt, SamplingParams(max_tokens=8, **params), None, make_generator(0),
+                   IncrementalDetokenizer(None, prompt), StopStringText([]))
+    for token in output:
+        seq.append_token(token)
+    return seq
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_logits_processors_match_the_float64_reference(seed: int) -> None:
+    from prolora_serve.server.engine.logits_processors import process_logits, reference_process_logits
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = 37
+    logits = torch.randn(6, vocab, generator=gen) * 3  # positive and negative logits
+    seqs = [
+        _history([1, 2, 3], [4, 4, 5]),  # no processing: the row stays as it was
+        _history([1, 2, 3], [4, 4, 5, 4], frequency_penalty=0.7, presence_penalty=-0.3),
+        _history([9, 9], [], repetition_penalty=1.8, frequency_penalty=1.0),  # no output yet
+        _history([7], [8, 7], repetition_penalty=0.6, logit_bias={3: 5.0, 36: -100.0}),
+        _history([2, 5], [6], min_tokens=3, stop_token_ids=[11, 30]),  # 1 < 3: EOS/stops masked
+        _history([2, 5], [6, 6, 6], min_tokens=3, stop_token_ids=[11]),  # reached: unmasked
+    ]
+    eos = {0, 12}
+    got = process_logits(logits, seqs, eos)
+    expected = reference_process_logits(logits, seqs, eos)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    finite = torch.isfinite(expected)
+    assert torch.allclose(got.double()[finite], expected[finite], atol=1e-5)
+    assert torch.equal(got[0], logits[0]) and torch.equal(got[5], logits[5])
+    assert torch.isinf(got[4, [0, 11, 12, 30]]).all() and int(torch.isinf(got[4]).sum()) == 4
+
+
+def test_a_step_without_processing_costs_no_copy() -> None:
+    from prolora_serve.server.engine.logits_processors import process_logits
+
+    logits = torch.randn(2, 10)
+    assert process_logits(logits, [_history([1], [2]), _history([3], [])], {0}) is logits
+
+
+def test_min_p_keeps_only_tokens_near_the_top() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = sampling_probs(logits, [SamplingParams(temperature=1.0, min_p=0.5)])
+    assert torch.allclose(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(min_p=1.5)
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=2, min_tokens=3)
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 500.0})

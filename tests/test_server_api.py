@@ -280,8 +280,9 @@ def test_malformed_and_unroutable_requests(server) -> None:
     broken = httpx.post(f"{server.url}/v1/completions", content=b"{not json",
                         headers={"content-type": "application/json"})
     assert broken.status_code == 400 and _error(broken)["type"] == "invalid_request_error"
-    assert httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPT,
-                                                            "presence_penalty": 1}).status_code == 400
+    refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPT,
+                                                               "use_beam_search": True})
+    assert refused.status_code == 400 and "use_beam_search" in _error(refused)["message"]
     assert _error(httpx.get(f"{server.url}/v1/nothing-here"))["code"] == "not_found"
     not_allowed = httpx.get(f"{server.url}/v1/completions")
     assert not_allowed.status_code == 405 and _error(not_allowed)["code"] == "method_not_allowed"
@@ -318,7 +319,7 @@ def _engine_idle(server) -> bool:
 
 
 def test_streaming_disconnect_frees_the_slot(server) -> None:
-    body = {"prompt": PROMPT, "adapter": "alpha", "max_tokens": 5000, "ignore_eos": True,
+    body = {"prompt": PROMPT, "adapter": "alpha", "max_tokens": None, "ignore_eos": True,
             "temperature": 0, "stream": True}
     with httpx.Client(base_url=server.url, timeout=60) as http:
         with http.stream("POST", "/v1/completions", json=body) as response:
@@ -344,7 +345,7 @@ def test_too_many_choices_and_model_ids_with_slashes(server) -> None:
 
 def test_non_streaming_disconnect_aborts_the_request(server) -> None:
     # 128 choices of ~250 tokens each: many seconds of work, far beyond the 1 s read timeout.
-    body = {"prompt": [PROMPT] * 32, "n": 4, "max_tokens": 5000, "ignore_eos": True}
+    body = {"prompt": [PROMPT] * 32, "n": 4, "max_tokens": None, "ignore_eos": True}
     aborted_before = server.app.state.engine.stats().num_aborted
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
@@ -353,3 +354,78 @@ def test_non_streaming_disconnect_aborts_the_request(server) -> None:
         time.sleep(0.05)
     assert _engine_idle(server)
     assert server.app.state.engine.stats().num_aborted > aborted_before
+
+
+# ---- every OpenAI / vLLM field honoured or refused -----------------------------------------
+@pytest.mark.parametrize("route, extra, name", [
+    ("completions", {"no_such_field": 1}, "no_such_field"),
+    ("completions", {"suffix": "tail"}, "suffix"),
+    ("completions", {"best_of": 3}, "best_of"),
+    ("completions", {"guided_regex": "[a-z]+"}, "guided_regex"),
+    ("completions", {"include_stop_str_in_output": True}, "include_stop_str_in_output"),
+    ("completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"audio": {"voice": "x"}}, "audio"),
+    ("chat", {"store": True}, "store"),
+    ("chat", {"service_tier": "flex"}, "service_tier"),
+    ("chat", {"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),
+])
+def test_fields_not_implemented_are_refused_by_name(server, route, extra, name) -> None:
+    if route == "completions":
+        url, body = "/v1/completions", {"prompt": PROMPT, **extra}
+    else:
+        url, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], **extra}
+    response = httpx.post(f"{server.url}{url}", json=body)
+    assert response.status_code == 400 and name in _error(response)["message"], response.text
+
+
+def test_max_tokens_beyond_the_context_is_refused_as_openai_does(client, base_name) -> None:
+    with pytest.raises(openai.BadRequestError) as err:  # the tiny server holds 256 tokens
+        client.completions.create(model=base_name, prompt=PROMPT, max_tokens=251)
+    assert "maximum context length is 256 tokens" in err.value.body["message"]
+    assert "you requested 257 tokens (6 in the prompt, 251 in the completion)" in err.value.body["message"]
+    assert err.value.body["code"] == "context_length_exceeded" and err.value.body["param"] == "max_tokens"
+    fits = greedy(client, base_name, max_tokens=250)
+    assert fits.usage.completion_tokens == 250 and fits.choices[0].finish_reason == "length"
+    whole = client.completions.create(model=base_name, prompt=PROMPT, max_tokens=None,
+                                      temperature=0, extra_body={"ignore_eos": True})
+    assert whole.usage.completion_tokens == 250  # absent: the rest of the context
+    with pytest.raises(openai.BadRequestError) as chat_err:
+        client.chat.completions.create(model=base_name, max_completion_tokens=10_000,
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert chat_err.value.body["param"] == "max_completion_tokens"
+
+
+def test_logit_bias_min_tokens_and_penalties_reach_the_sampler(client, base_name, server) -> None:
+    token = server.app.state.engine.tokenizer.encode("mat", add_special_tokens=False)[0]
+    forced = greedy(client, base_name, max_tokens=5, logit_bias={str(token): 100})
+    assert forced.choices[0].text.split() == ["mat"] * 5
+    with pytest.raises(openai.BadRequestError) as err:
+        greedy(client, base_name, logit_bias={"999999": 5})
+    assert err.value.body["param"] == "logit_bias" and err.value.body["code"] == "invalid_token_id"
+    plain = greedy(client, base_name, max_tokens=12).choices[0].text
+    penalized = greedy(client, base_name, max_tokens=12, frequency_penalty=2.0,
+                       presence_penalty=2.0).choices[0].text
+    repeated = greedy(client, base_name, max_tokens=12, repetition_penalty=5.0).choices[0].text
+    assert penalized != plain and repeated != plain
+    assert len(set(penalized.split())) >= len(set(plain.split()))
+    eos = server.app.state.engine.engine.eos_token_ids
+    stop_early = client.completions.create(
+        model=base_name, prompt=PROMPT, max_tokens=8, temperature=0,
+        logit_bias={str(t): 100 for t in eos}, extra_body={"min_tokens": 4})
+    # EOS is masked for the first 4 tokens, then forced: the 5th token is EOS (counted, not shown)
+    assert stop_early.usage.completion_tokens == 5 and stop_early.choices[0].finish_reason == "stop"
+
+
+def test_min_p_one_is_greedy_and_chat_template_options(client, base_name) -> None:
+    greedy_text = greedy(client, base_name, max_tokens=8).choices[0].text
+    sampled = client.completions.create(model=base_name, prompt=PROMPT, max_tokens=8, temperature=1.5,
+                                        seed=3, extra_body={"ignore_eos": True, "min_p": 1.0})
+    assert sampled.choices[0].text == greedy_text
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the cat"}]
+    continued = client.chat.completions.create(
+        model=base_name, messages=messages, max_tokens=2,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    fresh = client.chat.completions.create(model=base_name, messages=messages, max_tokens=2)
+    assert continued.usage.prompt_tokens < fresh.usage.prompt_tokens  # no end-of-turn, no new turn

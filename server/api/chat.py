@@ -25,7 +25,9 @@ def chat_prompt_ids(state: ServingState, body: ChatCompletionRequest) -> list[in
         raise APIError(400, f"the model {state.engine.model.name!r} has no chat template",
                        param="messages", code="invalid_messages")
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message, **(body.chat_template_kwargs or {}))
     except Exception as err:  # noqa: BLE001 - templates raise their own errors on odd input
         raise APIError(400, f"the chat template refused the messages: {err}", param="messages",
                        code="invalid_messages") from None
@@ -33,7 +35,8 @@ def chat_prompt_ids(state: ServingState, body: ChatCompletionRequest) -> list[in
 
 
 def make_jobs(state: ServingState, body: ChatCompletionRequest, prompt: list[int]) -> list[ChoiceJob]:
-    max_tokens = token_budget(state, body.token_limit, len(prompt))
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = token_budget(state, body.token_limit, len(prompt), param)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return [ChoiceJob(i, prompt, sampling_params(body, max_tokens, logprobs=logprobs, seed_offset=i))
             for i in range(body.n)]

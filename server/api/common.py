@@ -92,12 +92,19 @@ def encode(engine: EngineClient, text: str, add_special_tokens: bool = True) -> 
     return list(engine.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
-def token_budget(state: ServingState, requested: int | None, prompt_len: int) -> int:
-    """``max_tokens``; when absent, whatever room the context has left (the engine also stops
-    every sequence at its length limit with finish_reason "length")."""
-    if requested is not None:
-        return requested
-    return max(state.max_model_len - prompt_len, 1)  # the engine refuses prompts that cannot fit
+def token_budget(state: ServingState, requested: int | None, prompt_len: int,
+                 param: str = "max_tokens") -> int:
+    """``max_tokens``; when absent, whatever room the context has left. A request for more than
+    that room is refused, as OpenAI and vLLM do (never clamped to a shorter answer)."""
+    limit = state.max_model_len
+    if requested is None:
+        return max(limit - prompt_len, 1)  # the engine refuses prompts that cannot fit
+    if prompt_len < limit and prompt_len + requested > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you "
+                       f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+                       f"{requested} in the completion). Please reduce the length of the prompt "
+                       f"or completion.", param=param, code="context_length_exceeded")
+    return requested
 
 
 def sampling_params(req: _Request, max_tokens: int, *, logprobs: int | None = None,
@@ -110,7 +117,10 @@ def sampling_params(req: _Request, max_tokens: int, *, logprobs: int | None = No
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
             top_k=max(req.top_k, 0), seed=seed, stop=list(req.stop or []),
             stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, min_p=req.min_p,
+            min_tokens=req.min_tokens, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+            logit_bias=req.logit_bias_ids)
     except ValueError as err:
         raise APIError(400, str(err), code="invalid_value") from None
 

@@ -27,14 +27,15 @@ class PromptInput:
     text: str | None  # what ``echo`` returns; None: decoded from the ids when echoed
 
 
-def prompt_inputs(engine: EngineClient, prompt: str | list[Any]) -> list[PromptInput]:
+def prompt_inputs(engine: EngineClient, prompt: str | list[Any],
+                  add_special_tokens: bool = True) -> list[PromptInput]:
     """Normalize the four prompt forms to one list of (token ids, text); the engine checks
     the ids when the request is added."""
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
         prompt = [prompt]
-    return [PromptInput(encode(engine, item), item) if isinstance(item, str)
+    return [PromptInput(encode(engine, item, add_special_tokens), item) if isinstance(item, str)
             else PromptInput(list(item), None) for item in prompt]
 
 
@@ -144,7 +145,7 @@ def _as_output(result: ChoiceResult) -> _Whole:
 async def create_completion(body: CompletionRequest, request: Request) -> Any:
     state = serving_state(request)
     adapter = resolve_adapter(state, body.model, body.adapter)
-    prompts = prompt_inputs(state.engine, body.prompt)
+    prompts = prompt_inputs(state.engine, body.prompt, body.add_special_tokens)
     jobs = make_jobs(state, body, prompts)
     request_id = new_id("cmpl")
     writer = CompletionWriter(state, body, prompts, request_id,

@@ -59,7 +59,8 @@ _MAPPED: list[tuple[type[Exception], int, str, str | None]] = [
     (engine_errors.QueueFullError, 429, "queue_full", None),
     (engine_errors.AdapterTooLargeError, 413, "adapter_too_large", None),
     (engine_errors.PromptTooLongError, 400, "context_length_exceeded", None),
-    (engine_errors.InvalidPromptError, 400, "invalid_prompt", "prompt"),
+    (engine_errors.InvalidPromptError, 400, "invalid_prompt", None),
+    (engine_errors.InvalidTokenIdError, 400, "invalid_token_id", None),
     (engine_errors.EngineStoppedError, 503, "engine_stopped", None),
     (reg.AdapterNotFoundError, 404, "adapter_not_found", None),
     (reg.DuplicateAdapterError, 409, "adapter_exists", None),
@@ -75,7 +76,7 @@ def as_api_error(err: Exception) -> APIError:
         return err
     for cls, status, code, param in _MAPPED:
         if isinstance(err, cls):
-            return APIError(status, str(err), param=param, code=code)
+            return APIError(status, str(err), param=getattr(err, "param", param), code=code)
     log.exception("unexpected error", exc_info=err)
     return APIError(500, "internal server error", code="internal_error")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -15,29 +15,79 @@ Prompt = Union[str, list[str], list[int], list[list[int]]]
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage in every chunk (refused below if set)
+
+
+# Fields OpenAI or vLLM define that this server does not implement: a request that sets one to
+# anything but its neutral value gets a 400 naming it (never a silently different answer).
+# name -> the values that mean "off".
+_REFUSED_COMMON: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": (None, False), "length_penalty": (None, 1.0), "bad_words": (None, []),
+    "allowed_token_ids": (None,), "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,),
+    "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True), "logits_processors": (None, []),
+    "priority": (None, 0), "return_tokens_as_token_ids": (None, False), "cache_salt": (None,),
+    "kv_transfer_params": (None,), "vllm_xargs": (None,), "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,), "structural_tag": (None,), "store": (None, False),
+    "metadata": (None,), "service_tier": (None, "auto", "default"), "request_id": (None,),
+}
 
 
 class _Request(BaseModel):
-    # Unknown fields are ignored, as OpenAI's own server does; unsupported known ones are refused.
-    model_config = ConfigDict(extra="ignore")
+    # Every field OpenAI or vLLM define is declared: implemented, or refused by name when set;
+    # anything else is a 400 naming it ("extra_forbidden"), never silently dropped.
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="base model name, or an adapter id")
     adapter: str | None = Field(None, description="adapter id (extension); null = base model")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1, description="extension: keep the k most likely tokens; 0 or -1 = off")
+    top_k: int = Field(0, ge=-1, description="vLLM: keep the k most likely tokens; 0 or -1 = off")
+    min_p: float = Field(0.0, ge=0, le=1, description="vLLM: drop tokens below min_p x the top probability")
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    user: str | None = None
-    stop_token_ids: list[int] | None = Field(None, description="extension: extra stop token ids")
-    ignore_eos: bool = Field(False, description="extension: keep generating after EOS")
+    stop_token_ids: list[int] | None = Field(None, description="vLLM: extra stop token ids")
+    ignore_eos: bool = Field(False, description="vLLM: keep generating after EOS")
+    min_tokens: int = Field(0, ge=0, description="vLLM: no EOS or stop token before this many tokens")
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    repetition_penalty: float = Field(1.0, gt=0, le=10, description="vLLM/HF: over prompt and output")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    # Identifiers for the caller's bookkeeping: by definition they do not change the output.
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    # Declared so that setting them is refused by name (see _REFUSED_COMMON).
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    logits_processors: list[Any] | None = None
+    priority: int | None = None
+    return_tokens_as_token_ids: bool | None = None
+    cache_salt: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structural_tag: Any = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    request_id: str | None = None
+
+    _refused: ClassVar[dict[str, tuple[Any, ...]]] = _REFUSED_COMMON
 
     @field_validator("stop")
     @classmethod
@@ -47,14 +97,31 @@ class _Request(BaseModel):
             raise ValueError(f"stop takes at most {MAX_STOP} non-empty strings")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit() or not -100 <= bias <= 100:
+                raise ValueError("logit_bias maps token ids (strings of digits) to biases in "
+                                 f"[-100, 100], got {key!r}: {bias!r}")
+        return value
+
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> "_Request":
-        unsupported = [name for name, default in (("presence_penalty", 0.0),
-                                                  ("frequency_penalty", 0.0), ("logit_bias", None))
-                       if getattr(self, name) not in (default, {})]
-        if unsupported:
-            raise ValueError(f"{unsupported[0]} is not supported by this server")
+        for name, neutral in self._refused.items():
+            value = getattr(self, name)
+            if not any(value == off for off in neutral):
+                raise ValueError(f"{name}={value!r} is not supported by this server")
+        if self.stream_options is not None:
+            if not self.stream:
+                raise ValueError("stream_options is only allowed when stream is true")
+            if self.stream_options.continuous_usage_stats:
+                raise ValueError("stream_options.continuous_usage_stats is not supported by this server")
         return self
+
+    @property
+    def logit_bias_ids(self) -> dict[int, float]:
+        return {int(key): bias for key, bias in (self.logit_bias or {}).items()}
 
 
 class CompletionRequest(_Request):
@@ -64,6 +131,16 @@ class CompletionRequest(_Request):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: bool = Field(True, description="vLLM: add the tokenizer's BOS to text prompts")
+    response_format: Any = None  # refused until structured outputs are implemented
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    _refused: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **_REFUSED_COMMON, "suffix": (None, ""), "response_format": (None,), "guided_json": (None,),
+        "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,)}
 
     @field_validator("prompt")
     @classmethod
@@ -74,24 +151,27 @@ class CompletionRequest(_Request):
 
     @model_validator(mode="after")
     def _refuse_unsupported_completion(self) -> "CompletionRequest":
-        if self.suffix:
-            raise ValueError("suffix is not supported by this server")
         if self.best_of not in (None, self.n):
-            raise ValueError("best_of is not supported by this server")
+            raise ValueError("best_of > n is not supported by this server")
         return self
 
 
 class TextContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # refused until tools are implemented
+    tool_call_id: str | None = None
+    refusal: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -105,11 +185,52 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    add_generation_prompt: bool = Field(True, description="vLLM: end the template with the assistant turn")
+    continue_final_message: bool = Field(False, description="vLLM: extend the last (assistant) message")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM: extra template variables")
+    response_format: Any = None  # refused until structured outputs are implemented
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Any = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    echo: bool | None = None
+    chat_template: str | None = None
+    documents: list[dict[str, Any]] | None = None
+
+    _refused: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **_REFUSED_COMMON, "response_format": (None,), "tools": (None, []),
+        "tool_choice": (None, "none"), "parallel_tool_calls": (None, True), "functions": (None, []),
+        "function_call": (None, "none"), "guided_json": (None,), "guided_regex": (None,),
+        "guided_choice": (None,), "guided_grammar": (None,), "audio": (None,),
+        "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
+        "verbosity": (None,), "web_search_options": (None,), "echo": (None, False),
+        "chat_template": (None,), "documents": (None,)}
 
     @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self) -> "ChatCompletionRequest":
+    def _check_chat_fields(self) -> "ChatCompletionRequest":
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens disagree: set one")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message requires add_generation_prompt to be false")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs a final assistant message")
+        for message in self.messages:
+            if message.tool_calls or message.tool_call_id is not None:
+                raise ValueError("tool messages and tool_calls are not supported by this server yet")
         return self
 
     @property

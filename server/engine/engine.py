@@ -20,8 +20,9 @@ from ...adapters.weights import ADAPTER_TORCH_DTYPES
 from ..config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, StopStringText, TokenTextCache
 from ...adapters.registry import AdapterNotFoundError
-from .errors import InvalidPromptError, PromptTooLongError, QueueFullError
+from .errors import InvalidPromptError, InvalidTokenIdError, PromptTooLongError, QueueFullError
 from .kv_cache import BlockAllocator, KVCache
+from .logits_processors import process_logits
 from .model import head_dim_of
 from .model_runner import ModelRunner, StepLogits
 from .residency import AdapterCache, AdapterCacheStats, AdapterSource
@@ -182,6 +183,7 @@ class LLMEngine:
         owner of every request check: prompt, adapter, request id, queue bound."""
         prompt_ids = self.encode_prompt(prompt)
         self._check_prompt(prompt_ids)
+        self._check_token_params(params)
         self._check_adapter(adapter_id)
         seq = Sequence(request_id, prompt_ids, params, adapter_id, make_generator(params.seed),
                        IncrementalDetokenizer(self.tokenizer, prompt_ids), StopStringText(params.stop))
@@ -202,6 +204,13 @@ class LLMEngine:
                 f"the prompt has {len(prompt_ids)} tokens; at most {self.max_len - 1} fit "
                 f"(max_model_len {self.config.max_model_len}, KV cache "
                 f"{self.scheduler.allocator.num_blocks * self.config.block_size} tokens)")
+
+    def _check_token_params(self, params: SamplingParams) -> None:
+        vocab = self.hf_config.vocab_size
+        outside = [t for t in params.logit_bias if t >= vocab]
+        if outside:
+            raise InvalidTokenIdError(f"logit_bias names token id {outside[0]}, outside the "
+                                      f"vocabulary [0, {vocab})", param="logit_bias")
 
     def _check_adapter(self, adapter_id: str | None) -> None:
         if adapter_id is None:
@@ -290,7 +299,9 @@ class LLMEngine:
                 self._record_prompt_logprobs(chunk, logits.prompt[index])
         sampling = [c.seq for c in chunks if c.samples]
         if sampling:
-            result = sample(logits.sample, [s.params for s in sampling], [s.generator for s in sampling])
+            processed = process_logits(logits.sample, sampling, self.eos_token_ids)
+            result = sample(processed, [s.params for s in sampling], [s.generator for s in sampling],
+                            raw_logits=logits.sample)
             for row, seq in enumerate(sampling):
                 self._append(seq, row, result)
         return [self._output(seq) for seq in sampling]

@@ -17,6 +17,16 @@ class QueueFullError(EngineError):
 class InvalidPromptError(EngineError, ValueError):
     """The prompt is empty or holds token ids outside the model's embedding (API: 400)."""
 
+    param = "prompt"
+
+
+class InvalidTokenIdError(EngineError, ValueError):
+    """A sampling parameter names a token id outside the model's embedding (API: 400)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
 
 class AdapterTooLargeError(EngineError, ValueError):
     """The adapter alone is bigger than the whole adapter cache budget (API: 400/413)."""

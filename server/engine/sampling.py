@@ -1,9 +1,10 @@
 """Per-request sampling parameters and the batched sampler over one step's logits rows.
 
-Order of the logits processing (as in vLLM): temperature, then top-k, then top-p, then a
-draw from each row's own ``torch.Generator`` so that a seeded request gives the same tokens
-whatever else shares its batch. Reported logprobs are those of the model's raw distribution
-(``log_softmax`` of the unprocessed logits), as OpenAI and vLLM report them.
+Order of the logits processing (as in vLLM): logit bias, min-tokens and penalties
+(``logits_processors.py``), then temperature, top-k, top-p and min-p, then a draw from each
+row's own ``torch.Generator`` so that a seeded request gives the same tokens whatever else
+shares its batch. Reported logprobs are those of the model's raw distribution (``log_softmax``
+of the unprocessed logits), as OpenAI and vLLM report them.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k = chosen token plus k alternatives
     prompt_logprobs: int | None = None  # for echo: logprobs of every prompt token
+    min_p: float = 0.0  # 0 = off; else drop tokens below min_p x the most likely one's probability
+    min_tokens: int = 0  # EOS and stop token ids are masked until this many tokens are out
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # vLLM/HF: 1 = off; divides (> 0) or multiplies logits of seen tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,6 +73,21 @@ class SamplingParams:
                "stop_token_ids must be a list of integers >= 0")
         _check_logprobs("logprobs", self.logprobs)
         _check_logprobs("prompt_logprobs", self.prompt_logprobs)
+        _check(isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1,
+               f"min_p must be in [0, 1], got {self.min_p!r}")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+               f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and -2 <= value <= 2,
+                   f"{name} must be in [-2, 2], got {value!r}")
+        _check(isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0
+               and math.isfinite(self.repetition_penalty),
+               f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        self.logit_bias = dict(self.logit_bias)
+        _check(all(_is_int(t) and t >= 0 and isinstance(b, (int, float)) and -100 <= b <= 100
+                   for t, b in self.logit_bias.items()),
+               "logit_bias must map token ids >= 0 to biases in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
@@ -102,14 +124,19 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
 
 def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Probabilities the random (non-greedy) rows draw from: temperature, top-k, top-p."""
+    """Probabilities the random (non-greedy) rows draw from: temperature, top-k, top-p, min-p."""
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
     scaled = logits / temperature.unsqueeze(1)
     if any(p.top_k > 0 or p.top_p < 1 for p in params):
         top_k = torch.tensor([p.top_k for p in params])
         top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype)
         scaled = apply_top_k_top_p(scaled, top_k, top_p)
-    return scaled.softmax(dim=-1)
+    probs = scaled.softmax(dim=-1)
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype).unsqueeze(1)
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
 
 
 @dataclass
@@ -138,13 +165,15 @@ def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator]) -> SampleResult:
-    """Sample every row of ``logits`` (N, V) with its own parameters and generator."""
+           generators: Sequence[torch.Generator],
+           raw_logits: torch.Tensor | None = None) -> SampleResult:
+    """Sample every row of ``logits`` (N, V) with its own parameters and generator; logprobs
+    are reported from ``raw_logits`` (the model's, before bias and penalties) when given."""
     logits = logits.float()
     token_ids = sample_tokens(logits, params, generators)
     if all(p.logprobs is None for p in params):
         return SampleResult(token_ids, None, None, None)
-    logprobs = logits.log_softmax(dim=-1)
+    logprobs = (logits if raw_logits is None else raw_logits.float()).log_softmax(dim=-1)
     chosen = logprobs.gather(1, torch.tensor(token_ids).unsqueeze(1)).squeeze(1).tolist()
     top_ids, top_values = top_alternatives(logprobs, [p.logprobs or 0 for p in params])
     return SampleResult(token_ids, chosen, top_ids, top_values)
