@@ -88,6 +88,34 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return path
 
 
+def build_byte_tokenizer():
+    """A byte-level tokenizer (one token per byte, no merges): any text, JSON included, is
+    spelled out, so grammar-constrained decoding has every character it needs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(["<unk>", "<|im_end|>", "<|im_start|>", *alphabet])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                        eos_token="<|im_end|>",
+                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_bytes_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random LLaMA over the byte-level tokenizer, saved as an HF directory."""
+    path = tmp_path_factory.mktemp("tiny-bytes-llama")
+    tokenizer = build_byte_tokenizer()
+    build_tiny_llama(len(tokenizer), seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 # --- server: real uvicorn servers on 127.0.0.1, each in a background thread -------------------
 
 class LiveServer:

@@ -16,6 +16,7 @@ from fastapi import Request
 
 from prolora_serve.adapters.registry import AdapterNotFoundError
 from prolora_serve.server.engine.client import EngineClient
+from prolora_serve.server.engine.grammar import GrammarSpec
 from prolora_serve.server.engine.sampling import SamplingParams
 
 from .errors import APIError
@@ -107,6 +108,29 @@ def token_budget(state: ServingState, requested: int | None, prompt_len: int,
     return requested
 
 
+def grammar_spec(req: _Request) -> GrammarSpec | None:
+    """The request's output constraint (the schema checks allow at most one)."""
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        return GrammarSpec("json_object", param="response_format")
+    if fmt is not None and fmt.type == "json_schema":
+        schema = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {}
+        return GrammarSpec.json_schema(schema, bool(fmt.json_schema.strict), "response_format")
+    if req.guided_json is not None:
+        try:
+            return GrammarSpec.json_schema(req.guided_json, True, "guided_json")
+        except ValueError as err:  # a string that is not JSON
+            raise APIError(400, f"guided_json is not a JSON schema: {err}", param="guided_json",
+                           code="invalid_grammar") from None
+    if req.guided_regex is not None:
+        return GrammarSpec("regex", req.guided_regex, param="guided_regex")
+    if req.guided_choice is not None:
+        return GrammarSpec.choice(req.guided_choice, "guided_choice")
+    if req.guided_grammar is not None:
+        return GrammarSpec("ebnf", req.guided_grammar, param="guided_grammar")
+    return None
+
+
 def sampling_params(req: _Request, max_tokens: int, *, logprobs: int | None = None,
                     prompt_logprobs: int | None = None, seed_offset: int = 0) -> SamplingParams:
     """Engine params for one choice; seeded requests get ``seed + choice`` so n>1 choices
@@ -120,7 +144,7 @@ def sampling_params(req: _Request, max_tokens: int, *, logprobs: int | None = No
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, min_p=req.min_p,
             min_tokens=req.min_tokens, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-            logit_bias=req.logit_bias_ids)
+            logit_bias=req.logit_bias_ids, grammar=grammar_spec(req))
     except ValueError as err:
         raise APIError(400, str(err), code="invalid_value") from None
 

@@ -61,6 +61,7 @@ _MAPPED: list[tuple[type[Exception], int, str, str | None]] = [
     (engine_errors.PromptTooLongError, 400, "context_length_exceeded", None),
     (engine_errors.InvalidPromptError, 400, "invalid_prompt", None),
     (engine_errors.InvalidTokenIdError, 400, "invalid_token_id", None),
+    (engine_errors.GrammarError, 400, "invalid_grammar", None),
     (engine_errors.EngineStoppedError, 503, "engine_stopped", None),
     (reg.AdapterNotFoundError, 404, "adapter_not_found", None),
     (reg.DuplicateAdapterError, 409, "adapter_exists", None),

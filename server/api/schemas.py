@@ -36,6 +36,30 @@ _REFUSED_COMMON: dict[str, tuple[Any, ...]] = {
 }
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: plain text, any JSON object, or a JSON schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with (and only with) type json_schema")
+        return self
+
+
 class _Request(BaseModel):
     # Every field OpenAI or vLLM define is declared: implemented, or refused by name when set;
     # anything else is a 400 naming it ("extra_forbidden"), never silently dropped.
@@ -86,6 +110,12 @@ class _Request(BaseModel):
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
     request_id: str | None = None
+    # Structured outputs (server/engine/grammar.py): at most one of these per request.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM: a JSON schema")
+    guided_regex: str | None = Field(None, description="vLLM: a regular expression")
+    guided_choice: list[str] | None = Field(None, description="vLLM: one of these strings")
+    guided_grammar: str | None = Field(None, description="vLLM: an EBNF grammar (root rule: root)")
 
     _refused: ClassVar[dict[str, tuple[Any, ...]]] = _REFUSED_COMMON
 
@@ -112,6 +142,12 @@ class _Request(BaseModel):
             value = getattr(self, name)
             if not any(value == off for off in neutral):
                 raise ValueError(f"{name}={value!r} is not supported by this server")
+        guides = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                  if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            guides.append("response_format")
+        if len(guides) > 1:
+            raise ValueError(f"set at most one of response_format and guided_*, got {', '.join(guides)}")
         if self.stream_options is not None:
             if not self.stream:
                 raise ValueError("stream_options is only allowed when stream is true")
@@ -132,15 +168,8 @@ class CompletionRequest(_Request):
     suffix: str | None = None
     best_of: int | None = None
     add_special_tokens: bool = Field(True, description="vLLM: add the tokenizer's BOS to text prompts")
-    response_format: Any = None  # refused until structured outputs are implemented
-    guided_json: Any = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
 
-    _refused: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **_REFUSED_COMMON, "suffix": (None, ""), "response_format": (None,), "guided_json": (None,),
-        "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,)}
+    _refused: ClassVar[dict[str, tuple[Any, ...]]] = {**_REFUSED_COMMON, "suffix": (None, "")}
 
     @field_validator("prompt")
     @classmethod
@@ -188,16 +217,11 @@ class ChatCompletionRequest(_Request):
     add_generation_prompt: bool = Field(True, description="vLLM: end the template with the assistant turn")
     continue_final_message: bool = Field(False, description="vLLM: extend the last (assistant) message")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM: extra template variables")
-    response_format: Any = None  # refused until structured outputs are implemented
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
-    guided_json: Any = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
     prediction: dict[str, Any] | None = None
@@ -209,10 +233,9 @@ class ChatCompletionRequest(_Request):
     documents: list[dict[str, Any]] | None = None
 
     _refused: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **_REFUSED_COMMON, "response_format": (None,), "tools": (None, []),
+        **_REFUSED_COMMON, "tools": (None, []),
         "tool_choice": (None, "none"), "parallel_tool_calls": (None, True), "functions": (None, []),
-        "function_call": (None, "none"), "guided_json": (None,), "guided_regex": (None,),
-        "guided_choice": (None,), "guided_grammar": (None,), "audio": (None,),
+        "function_call": (None, "none"), "audio": (None,),
         "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
         "verbosity": (None,), "web_search_options": (None,), "echo": (None, False),
         "chat_template": (None,), "documents": (None,)}

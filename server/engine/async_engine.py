@@ -146,6 +146,8 @@ class AsyncLLMEngine:
             raise EngineStoppedError("the engine is not running")
         if adapter_id is not None:  # read it (off the step thread) before queueing
             await asyncio.wrap_future(self.engine.prepare_adapter(adapter_id))
+        if params.grammar is not None:  # compile off the event loop; add_request hits the cache
+            await asyncio.to_thread(self.engine.grammars.compile, params.grammar)
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         # The engine's add_request owns every request check (ids included); holding the streams
         # lock across it means the step thread cannot dispatch an output before the stream exists.

@@ -22,6 +22,7 @@ from .detokenizer import IncrementalDetokenizer, StopStringText, TokenTextCache
 from ...adapters.registry import AdapterNotFoundError
 from .errors import InvalidPromptError, InvalidTokenIdError, PromptTooLongError, QueueFullError
 from .kv_cache import BlockAllocator, KVCache
+from .grammar import GrammarError, Grammars
 from .logits_processors import process_logits
 from .model import head_dim_of
 from .model_runner import ModelRunner, StepLogits
@@ -143,6 +144,8 @@ class LLMEngine:
         self._inbox = _Inbox()
         self._counters = _Counters()
         self.last_step_ran = False  # False: the work left is waiting (e.g. on adapter reads)
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: EngineConfig, adapter_source: AdapterSource | None = None) -> "LLMEngine":
@@ -187,6 +190,8 @@ class LLMEngine:
         self._check_adapter(adapter_id)
         seq = Sequence(request_id, prompt_ids, params, adapter_id, make_generator(params.seed),
                        IncrementalDetokenizer(self.tokenizer, prompt_ids), StopStringText(params.stop))
+        if params.grammar is not None:  # compiled once (cached), checked here: a 400 if bad
+            seq.grammar = self.grammars.matcher(params.grammar)
         with self._inbox.lock:
             if request_id in self._inbox.live_ids:
                 raise ValueError(f"request id {request_id!r} is already in use")
@@ -299,12 +304,36 @@ class LLMEngine:
                 self._record_prompt_logprobs(chunk, logits.prompt[index])
         sampling = [c.seq for c in chunks if c.samples]
         if sampling:
-            processed = process_logits(logits.sample, sampling, self.eos_token_ids)
+            processed = self._constrain(process_logits(logits.sample, sampling, self.eos_token_ids),
+                                        logits.sample, sampling)
             result = sample(processed, [s.params for s in sampling], [s.generator for s in sampling],
                             raw_logits=logits.sample)
             for row, seq in enumerate(sampling):
-                self._append(seq, row, result)
+                if not seq.is_finished:
+                    self._append(seq, row, result)
         return [self._output(seq) for seq in sampling]
+
+    def _constrain(self, logits: torch.Tensor, raw: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Mask what each row's grammar forbids; a row its grammar leaves no token fails."""
+        matchers = [seq.grammar for seq in seqs]
+        if all(m is None for m in matchers):
+            return logits
+        logits = logits.clone() if logits is raw else logits
+        for row in self.grammars.mask_logits(logits, matchers):
+            logits[row, 0] = 0.0  # any finite row keeps the sampler well defined; it is dropped
+            self.scheduler.finish(seqs[row], "abort", GrammarError(
+                "no token of this model's vocabulary can continue the grammar", seqs[row].params.grammar.param))
+        return logits
+
+    @property
+    def grammars(self) -> Grammars:
+        """The grammar compiler for this tokenizer, built on first use (xgrammar loads then)."""
+        if self._grammars is None:
+            with self._grammars_lock:
+                if self._grammars is None:
+                    self._grammars = Grammars(self.tokenizer, self.hf_config.vocab_size,
+                                              self.eos_token_ids)
+        return self._grammars
 
     def _append(self, seq: Sequence, row: int, result: SampleResult) -> None:
         token = result.token_ids[row]
@@ -313,6 +342,8 @@ class LLMEngine:
         if seq.params.logprobs is not None:
             seq.pending_logprobs.append(self._token_logprob(
                 token, result.logprobs[row], result.top_ids[row], result.top_logprobs[row]))
+        if seq.grammar is not None and not seq.grammar.accept_token(token):
+            raise GrammarError(f"token {token} was sampled outside the grammar", seq.params.grammar.param)
         reason = self._finish_reason(seq, token)
         if reason is not None:
             self.scheduler.finish(seq, reason)
@@ -321,6 +352,8 @@ class LLMEngine:
         params = seq.params
         if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             return "stop"  # the stop token is in token_ids but not in the text
+        if seq.grammar is not None and seq.grammar.is_terminated():
+            return "stop"  # the grammar reached its end
         if seq.text.append(seq.detokenizer.add(token)):
             return "stop"
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_len:

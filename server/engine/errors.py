@@ -20,6 +20,15 @@ class InvalidPromptError(EngineError, ValueError):
     param = "prompt"
 
 
+class GrammarError(EngineError, ValueError):
+    """A grammar that does not compile, or that no token of the vocabulary can continue
+    (API: 400, with the compiler's message; ``param`` names the request field)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class InvalidTokenIdError(EngineError, ValueError):
     """A sampling parameter names a token id outside the model's embedding (API: 400)."""
 

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 
+from .grammar import GrammarSpec
+
 MAX_LOGPROBS = 20
 
 
@@ -50,6 +52,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the output
     repetition_penalty: float = 1.0  # vLLM/HF: 1 = off; divides (> 0) or multiplies logits of seen tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    grammar: GrammarSpec | None = None  # structured output: a token bitmask each step (grammar.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -84,6 +87,8 @@ class SamplingParams:
         _check(isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0
                and math.isfinite(self.repetition_penalty),
                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        _check(self.grammar is None or isinstance(self.grammar, GrammarSpec),
+               f"grammar must be null or a GrammarSpec, got {type(self.grammar).__name__}")
         self.logit_bias = dict(self.logit_bias)
         _check(all(_is_int(t) and t >= 0 and isinstance(b, (int, float)) and -100 <= b <= 100
                    for t, b in self.logit_bias.items()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 import torch
 
 from .detokenizer import IncrementalDetokenizer, StopStringText
@@ -52,6 +53,7 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
+    grammar: Any = None  # an xgrammar GrammarMatcher when params.grammar is set (grammar.py)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
