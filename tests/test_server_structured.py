@@ -164,3 +164,107 @@ def test_bad_grammars_are_400_with_the_compilers_message(server, extra, param, f
     if param is not None:
         assert error["param"] == param
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+# ---- tools ---------------------------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "the weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                                                    "celsius": {"type": "boolean"}},
+                   "required": ["city", "celsius"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "weather in Paris?"}]
+
+
+def _check_weather(arguments: str) -> None:
+    args = json.loads(arguments)
+    assert set(args) == {"city", "celsius"} and args["city"] in ("Paris", "Oslo")
+    assert isinstance(args["celsius"], bool)
+
+
+def test_named_tool_choice_returns_a_valid_call(client, base) -> None:
+    for model in (base, "pro"):
+        result = client.chat.completions.create(
+            model=model, messages=ASK, tools=[WEATHER, TIME], max_tokens=64, temperature=0,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        choice = result.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+        _check_weather(call.function.arguments)
+
+
+def test_required_tool_choice_calls_one_of_the_tools(client, base) -> None:
+    result = client.chat.completions.create(
+        model="lora", messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+        parallel_tool_calls=False, max_tokens=80, temperature=0.7, seed=5)
+    choice = result.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name in ("get_weather", "get_time")
+    if call.function.name == "get_weather":
+        _check_weather(call.function.arguments)
+    else:
+        assert json.loads(call.function.arguments)["zone"] in ("UTC", "CET")
+
+
+def test_tool_calls_stream_as_openai_streams_them(client, base) -> None:
+    stream = client.chat.completions.create(
+        model=base, messages=ASK, tools=[WEATHER], max_tokens=64, temperature=0, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    deltas = [c.choices[0] for c in stream if c.choices]
+    first = deltas[0].delta.tool_calls[0]
+    assert deltas[0].delta.role == "assistant" and first.id.startswith("call_")
+    assert first.function.name == "get_weather" and first.index == 0
+    arguments = "".join(d.delta.tool_calls[0].function.arguments or "" for d in deltas if d.delta.tool_calls)
+    _check_weather(arguments)
+    assert deltas[-1].finish_reason == "tool_calls"
+    required = client.chat.completions.create(
+        model=base, messages=ASK, tools=[TIME], tool_choice="required", max_tokens=80,
+        temperature=0, stream=True)
+    deltas = [c.choices[0] for c in required if c.choices]
+    calls = [call for d in deltas for call in (d.delta.tool_calls or [])]
+    assert calls and all(call.function.name == "get_time" for call in calls)
+    assert deltas[-1].finish_reason == "tool_calls"
+
+
+def test_tool_messages_render_through_the_template_and_auto_needs_template_support(client, base) -> None:
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "celsius": true}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21"}]
+    answer = client.chat.completions.create(model=base, messages=history, max_tokens=4, temperature=0)
+    assert answer.choices[0].message.content is not None and answer.usage.prompt_tokens > 40
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=base, messages=ASK, tools=[WEATHER], max_tokens=4)
+    assert "chat template that renders tools" in err.value.body["message"]  # tool_choice auto
+    plain = client.chat.completions.create(model=base, messages=ASK, tools=[WEATHER],
+                                           tool_choice="none", max_tokens=4, temperature=0)
+    assert plain.choices[0].message.tool_calls is None
+    for extra, fragment in (({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": [WEATHER]}, "nope"),
+                            ({"tool_choice": "required"}, "needs tools"),
+                            ({"tools": [WEATHER], "tool_choice": "required", "guided_regex": "a"}, "guided")):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model=base, messages=ASK, max_tokens=4, extra_body=extra)
+        assert fragment in bad.value.body["message"]
+
+
+def test_hermes_tool_calls_are_parsed_from_auto_output() -> None:
+    from prolora_serve.server.api.schemas import ChatCompletionRequest
+    from prolora_serve.server.api.tools import plan_tools, template_renders_tools, tool_calls_from_text
+
+    body = ChatCompletionRequest(messages=ASK, tools=[WEATHER, TIME])
+    assert not template_renders_tools("{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert template_renders_tools("{% if tools %}{{ tools | tojson }}{% endif %}")
+    plan = plan_tools(body, renders_tools=True)
+    assert plan.mode == "auto" and plan.grammar is None and len(plan.template_tools) == 2
+    text = ('Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", '
+            '"celsius": false}}</tool_call>\n<tool_call>{"name": "unknown", "arguments": {}}</tool_call>')
+    calls, content = tool_calls_from_text(plan, text)
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert json.loads(calls[0].function.arguments) == {"city": "Oslo", "celsius": False}
+    assert content == "Let me check."
+    assert tool_calls_from_text(plan, "no calls here") == ([], "no calls here")

@@ -131,8 +131,9 @@ def grammar_spec(req: _Request) -> GrammarSpec | None:
     return None
 
 
-def sampling_params(req: _Request, max_tokens: int, *, logprobs: int | None = None,
-                    prompt_logprobs: int | None = None, seed_offset: int = 0) -> SamplingParams:
+def sampling_params(req: _Request, max_tokens: int, grammar: GrammarSpec | None, *,
+                    logprobs: int | None = None, prompt_logprobs: int | None = None,
+                    seed_offset: int = 0) -> SamplingParams:
     """Engine params for one choice; seeded requests get ``seed + choice`` so n>1 choices
     differ yet reproduce."""
     seed = None if req.seed is None else req.seed + seed_offset
@@ -144,7 +145,7 @@ def sampling_params(req: _Request, max_tokens: int, *, logprobs: int | None = No
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, min_p=req.min_p,
             min_tokens=req.min_tokens, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-            logit_bias=req.logit_bias_ids, grammar=grammar_spec(req))
+            logit_bias=req.logit_bias_ids, grammar=grammar)
     except ValueError as err:
         raise APIError(400, str(err), code="invalid_value") from None
 

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, Request
 from .auth import require_api_key
 from prolora_serve.server.engine.client import EngineClient
 
-from .common import (ServingState, encode, new_id, now, resolve_adapter, response_model_name,
-                     sampling_params, serving_state, token_budget, usage)
+from .common import (ServingState, encode, grammar_spec, new_id, now, resolve_adapter,
+                     response_model_name, sampling_params, serving_state, token_budget, usage)
 from .errors import APIError
 from .generation import ChoiceJob, ChoiceResult, respond
 from .logprobs import LegacyLogprobsBuilder
@@ -46,9 +46,10 @@ def make_jobs(state: ServingState, body: CompletionRequest,
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} exceeds {MAX_CHOICES} choices "
                        "per request", param="prompt", code="too_many_choices")
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    grammar = grammar_spec(body)
     return [ChoiceJob(p * body.n + i, prompt.token_ids,
                       sampling_params(body, token_budget(state, body.max_tokens,
-                                                         len(prompt.token_ids)),
+                                                         len(prompt.token_ids)), grammar,
                                       logprobs=body.logprobs,
                                       prompt_logprobs=prompt_logprobs, seed_offset=i))
             for p, prompt in enumerate(prompts) for i in range(body.n)]

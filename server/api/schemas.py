@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -192,20 +193,93 @@ class TextContentPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # refused until tools are implemented
-    tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
     refusal: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields_by_role(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (tool call arguments as objects)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.function.name, "arguments": _json_or_text(call.function.arguments)}}
+                for call in self.tool_calls]
+        return message
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; absent: no arguments
+    strict: bool | None = None
+
+    @property
+    def parameters_schema(self) -> dict[str, Any]:
+        return self.parameters if self.parameters is not None else {"type": "object", "properties": {}}
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Request):
@@ -217,8 +291,8 @@ class ChatCompletionRequest(_Request):
     add_generation_prompt: bool = Field(True, description="vLLM: end the template with the assistant turn")
     continue_final_message: bool = Field(False, description="vLLM: extend the last (assistant) message")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM: extra template variables")
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
@@ -233,9 +307,7 @@ class ChatCompletionRequest(_Request):
     documents: list[dict[str, Any]] | None = None
 
     _refused: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **_REFUSED_COMMON, "tools": (None, []),
-        "tool_choice": (None, "none"), "parallel_tool_calls": (None, True), "functions": (None, []),
-        "function_call": (None, "none"), "audio": (None,),
+        **_REFUSED_COMMON, "functions": (None, []), "function_call": (None, "none"), "audio": (None,),
         "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
         "verbosity": (None,), "web_search_options": (None,), "echo": (None, False),
         "chat_template": (None,), "documents": (None,)}
@@ -251,9 +323,9 @@ class ChatCompletionRequest(_Request):
             raise ValueError("continue_final_message requires add_generation_prompt to be false")
         if self.continue_final_message and self.messages[-1].role != "assistant":
             raise ValueError("continue_final_message needs a final assistant message")
-        for message in self.messages:
-            if message.tool_calls or message.tool_call_id is not None:
-                raise ValueError("tool messages and tool_calls are not supported by this server yet")
+        uses_tools = self.tools and self.tool_choice not in (None, "none")
+        if uses_tools and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("tools and response_format cannot both constrain the output")
         return self
 
     @property
@@ -307,14 +379,15 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
