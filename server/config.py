@@ -28,6 +28,7 @@ ADAPTER_DTYPES = ("auto", "fp32", "fp16", "bf16")  # resident adapter weights
 KV_CACHE_DTYPES = ADAPTER_DTYPES  # the same float names for the KV cache; auto: the compute dtype
 ADAPTER_BACKENDS = ("auto", "cpu", "torch", "triton", "reference")  # kernels.interface.BACKEND_NAMES
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+METRICS_ADAPTER_LABELS = ("key", "open")  # who sees adapter-labelled /metrics series
 MIB = 1 << 20
 
 _SIZE_UNITS = {
@@ -103,6 +104,10 @@ def port_number(value: Any) -> str | None:
 def device_name(value: Any) -> str | None:
     ok = isinstance(value, str) and _DEVICE_PATTERN.match(value)
     return None if ok else "must be cpu, cuda or cuda:N"
+
+
+def existing_directory(value: Any) -> str | None:
+    return None if Path(value).is_dir() else f"no such directory: {value}"
 
 
 def existing_directories(value: Any) -> str | None:
@@ -332,6 +337,14 @@ class ServerConfig:
         metavar="DIR", shown_default="none",
         help="register every adapter found in DIR at start-up, skipping ids already present "
              f"(the variable is {os.pathsep!r}-separated)")
+    adapter_import_dir: Path | None = option(
+        None, parse=expanded_path, check=existing_directory, optional=True, metavar="DIR",
+        help="directory POST /v1/load_lora_adapter may read lora_path from (unset: that endpoint "
+             "answers 403; paths resolving outside it, through symlinks or '..', are refused)")
+    metrics_adapter_labels: str = option(
+        "key", choices=METRICS_ADAPTER_LABELS,
+        help="who gets the adapter-labelled /metrics series: key (with --api-key set, only "
+             "scrapes presenting a valid key; the rest get every other series) or open (everyone)")
     log_level: str = option("info", choices=LOG_LEVELS, help="log level")
     threads: int | None = option(None, parse=int, check=positive, optional=True,
                                  help="torch intra-op threads (fewer can be faster on a shared CPU)",

@@ -144,7 +144,7 @@ def _bad_texts(opt: settings.Option) -> list[str]:
         return ["x", "0" if opt.check is settings.positive else "70000"]
     if opt.parse is settings.parse_bool:
         return ["maybe"]
-    if opt.check is settings.existing_directories:
+    if opt.check in (settings.existing_directories, settings.existing_directory):
         return ["/no/such/dir"]
     if opt.check is settings.device_name:
         return ["tpu"]

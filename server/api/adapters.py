@@ -99,6 +99,22 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     }}}}}}
 
 
+def refuse_base_model_name(request: Request, name: str, param: str, status: int) -> None:
+    """An adapter may not take the base model's name (``model=<name>`` must stay the base)."""
+    if name == request.app.state.model_name:  # set once at start-up from engine.model
+        raise APIError(status, f"{name!r} is the base model's name", param=param,
+                       code="adapter_exists")
+
+
+async def remove_adapter(request: Request, adapter_id: str) -> None:
+    """Delete from the registry, then retire it in the engine (running requests finish, then
+    its weights are freed): ``DELETE /adapters/{id}`` and ``/v1/unload_lora_adapter``."""
+    state = request.app.state
+    await run_in_threadpool(state.registry.delete, adapter_id)
+    if state.engine is not None:
+        await state.engine.forget_adapter(adapter_id)
+
+
 @router.post("/adapters", status_code=201, response_model=AdapterInfo, openapi_extra=UPLOAD_BODY,
              dependencies=[Depends(require_admin_key)], summary="Upload an adapter")
 async def upload_adapter(request: Request) -> AdapterInfo:
@@ -107,9 +123,7 @@ async def upload_adapter(request: Request) -> AdapterInfo:
     form = await _read_form(request, registry.max_upload_bytes)
     try:
         name, files = _upload_fields(form)
-        if name == request.app.state.model_name:  # set once at start-up from engine.model
-            raise APIError(409, f"{name!r} is the base model's name", param="name",
-                           code="adapter_exists")
+        refuse_base_model_name(request, name, "name", status=409)
         record = await run_in_threadpool(lambda: registry.register_upload(name, **files))
     finally:
         await form.close()
@@ -133,8 +147,5 @@ async def get_adapter(adapter_id: str, request: Request) -> AdapterInfo:
 @router.delete("/adapters/{adapter_id}", response_model=AdapterDeleted,
                dependencies=[Depends(require_admin_key)], summary="Delete an adapter")
 async def delete_adapter(adapter_id: str, request: Request) -> AdapterDeleted:
-    state = request.app.state
-    await run_in_threadpool(state.registry.delete, adapter_id)
-    if state.engine is not None:
-        await state.engine.forget_adapter(adapter_id)  # running requests finish, then it is freed
+    await remove_adapter(request, adapter_id)
     return AdapterDeleted(id=adapter_id)

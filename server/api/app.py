@@ -18,7 +18,7 @@ from prolora_serve.adapters.weights import CompactAdapter
 
 from ..config import ServerConfig
 from ..engine.client import EngineClient
-from . import adapters, chat, completions, dashboard, metrics, models
+from . import adapters, chat, completions, dashboard, lora_adapters, metrics, models
 from .auth import require_api_key
 from .errors import install_error_handlers
 
@@ -108,7 +108,7 @@ def create_app(config: ServerConfig, engine: EngineClient | None = None,
     state.metrics = metrics.ServerMetrics()
     app.add_middleware(metrics.MetricsMiddleware, metrics=state.metrics)
     install_error_handlers(app)
-    for module in (completions, chat, models, adapters, metrics):
+    for module in (completions, chat, models, adapters, lora_adapters, metrics):
         app.include_router(module.router)
     app.include_router(dashboard.router, dependencies=[Depends(_require_key_on_v1)])
     return app

@@ -31,12 +31,16 @@ def _refuse(what: str) -> APIError:
                     type=AUTHENTICATION, code="invalid_api_key")
 
 
+def has_api_key(request: Request) -> bool:
+    """Whether the request may read what the API key guards (always, with no API key set)."""
+    config = request.app.state.config
+    return config.api_key is None or _matches(_presented_key(request), config.api_key,
+                                              config.admin_key)
+
+
 def require_api_key(request: Request) -> None:
     """Dependency: any configured key (API or admin) opens the read and inference routes."""
-    config = request.app.state.config
-    if config.api_key is None:
-        return
-    if not _matches(_presented_key(request), config.api_key, config.admin_key):
+    if not has_api_key(request):
         raise _refuse("API key")
 
 

@@ -2,25 +2,40 @@
 
 Request counts/latency come from an ASGI middleware; token counters from the routes; the
 engine's gauges and cache counters come from one ``EngineClient.snapshot()`` per scrape.
+
+Per-adapter series (``prolora_adapter_*{adapter=...}``: requests, prompt and generated tokens,
+running and waiting requests, residency, load seconds) come from the same snapshot. Their
+labels are bounded: at most ``ADAPTER_LABEL_LIMIT`` adapter ids, picked by traffic and kept
+once picked (a counter summed under ``other`` would otherwise drop each time an adapter left
+it) until the adapter is deleted; every other adapter is summed under ``adapter="other"`` and
+the base model is ``adapter=""``. With ``--api-key`` set these series go only to scrapes that
+present a valid key (they name adapters), unless ``--metrics-adapter-labels open``.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import field
+from typing import Any, Iterable, Iterator, Mapping
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from ..engine.client import EngineClient
 from ..engine.engine import EngineStats
+from ..engine.residency import LOAD_SECONDS_BUCKETS, LoadTimes, ResidentAdapterInfo
+from ..engine.scheduler import AdapterTraffic
+from .auth import has_api_key
 
 PREFIX = "prolora"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+ADAPTER_LABEL_LIMIT = 32  # adapter ids with their own label; the rest are summed under "other"
+BASE_LABEL = ""  # the base model's requests (never an adapter id: ids have 1-64 characters)
+OTHER_LABEL = "other"  # every adapter without its own label (one named "other" included)
 
 
 @dataclass
@@ -40,18 +55,119 @@ _NO_CACHE = _EmptyCacheStats()
 
 
 @dataclass
+class AdapterSeries:
+    """The per-adapter part of one scrape, already folded to its bounded labels."""
+
+    traffic: dict[str, AdapterTraffic] = field(default_factory=dict)  # by label
+    resident: dict[str, int] = field(default_factory=dict)  # adapters resident, by label
+    load_times: dict[str, LoadTimes] = field(default_factory=dict)  # by label (no base)
+
+
+@dataclass
 class ScrapeState:
     """What one scrape reports beyond the HTTP counters (None: no engine running)."""
 
     stats: EngineStats | None = None
     num_registered: int = 0
+    adapters: AdapterSeries | None = None  # None: not shown to this scrape
+
+
+class AdapterLabels:
+    """Which adapter ids get their own label: up to ``limit``, the busiest (by requests) of
+    those not labelled yet filling free places; a labelled id keeps its label until the
+    engine forgets it (the adapter was deleted)."""
+
+    def __init__(self, limit: int = ADAPTER_LABEL_LIMIT) -> None:
+        if limit < 0:
+            raise ValueError(f"the adapter label limit must be >= 0, got {limit}")
+        self.limit = limit
+        self.labelled: set[str] = set()
+
+    def update(self, known: Iterable[str], traffic: Mapping[str | None, AdapterTraffic]) -> None:
+        known = {adapter_id for adapter_id in known if adapter_id != OTHER_LABEL}
+        self.labelled &= known
+        free = self.limit - len(self.labelled)
+        if free > 0:
+            newcomers = sorted(known - self.labelled,
+                               key=lambda a: (-(traffic[a].requests if a in traffic else 0), a))
+            self.labelled.update(newcomers[:free])
+
+    def label(self, adapter_id: str | None) -> str:
+        if adapter_id is None:
+            return BASE_LABEL
+        return adapter_id if adapter_id in self.labelled else OTHER_LABEL
+
+    def fold(self, traffic: Mapping[str | None, AdapterTraffic],
+             resident: list[ResidentAdapterInfo], load_times: Mapping[str, LoadTimes]) -> AdapterSeries:
+        """Pick the labels for this snapshot and sum every series under them."""
+        self.update({*(a for a in traffic if a is not None), *(r.adapter_id for r in resident),
+                     *load_times}, traffic)
+        series = AdapterSeries(traffic={BASE_LABEL: AdapterTraffic(), OTHER_LABEL: AdapterTraffic()},
+                               resident={OTHER_LABEL: 0}, load_times={OTHER_LABEL: LoadTimes()})
+        for adapter_id, entry in traffic.items():
+            total = series.traffic.setdefault(self.label(adapter_id), AdapterTraffic())
+            for name in ("requests", "prompt_tokens", "generated_tokens", "running", "waiting"):
+                setattr(total, name, getattr(total, name) + getattr(entry, name))
+        for info in resident:
+            label = self.label(info.adapter_id)
+            series.resident[label] = series.resident.get(label, 0) + 1
+        for adapter_id, times in load_times.items():
+            total = series.load_times.setdefault(self.label(adapter_id), LoadTimes())
+            total.count += times.count
+            total.sum_seconds += times.sum_seconds
+            total.bucket_counts = [a + b for a, b in zip(total.bucket_counts, times.bucket_counts)]
+        for label in self.labelled:  # every labelled adapter has every series
+            series.traffic.setdefault(label, AdapterTraffic())
+            series.resident.setdefault(label, 0)
+            series.load_times.setdefault(label, LoadTimes())
+        return series
+
+
+def _adapter_families(series: AdapterSeries) -> Iterator[Any]:
+    traffic = sorted(series.traffic.items())
+    for name, doc, attr in (
+        ("adapter_requests", "requests accepted, by adapter", "requests"),
+        ("adapter_prompt_tokens", "prompt tokens of accepted requests (each of n choices is "
+         "one request), by adapter", "prompt_tokens"),
+        ("adapter_generated_tokens", "tokens generated, by adapter", "generated_tokens"),
+    ):
+        family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["adapter"])
+        for label, entry in traffic:
+            family.add_metric([label], getattr(entry, attr))
+        yield family
+    for name, doc, attr in (("adapter_running_requests", "requests in the running batch, by "
+                             "adapter", "running"),
+                            ("adapter_waiting_requests", "requests waiting to be scheduled, by "
+                             "adapter", "waiting")):
+        family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["adapter"])
+        for label, entry in traffic:
+            family.add_metric([label], getattr(entry, attr))
+        yield family
+    resident = GaugeMetricFamily(f"{PREFIX}_adapter_resident", "adapters resident in the device "
+                                 "cache under this label (0 or 1; how many for other)",
+                                 labels=["adapter"])
+    for label, count in sorted(series.resident.items()):
+        resident.add_metric([label], count)
+    yield resident
+    load = HistogramMetricFamily(f"{PREFIX}_adapter_load_seconds", "seconds to read an adapter "
+                                 "and copy it into the device cache, per cold load",
+                                 labels=["adapter"])
+    bounds = [str(float(b)) for b in LOAD_SECONDS_BUCKETS] + ["+Inf"]
+    for label, times in sorted(series.load_times.items()):
+        cumulative, buckets = 0, []
+        for bound, count in zip(bounds, times.bucket_counts):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        load.add_metric([label], buckets, times.sum_seconds)
+    yield load
 
 
 class EngineCollector(Collector):
     """Reports the engine, cache and registry state read for the current scrape."""
 
-    def __init__(self) -> None:
+    def __init__(self, adapter_label_limit: int = ADAPTER_LABEL_LIMIT) -> None:
         self.current = ScrapeState()
+        self.labels = AdapterLabels(adapter_label_limit)
 
     def _gauges(self, stats: EngineStats, num_registered: int) -> Iterator[GaugeMetricFamily]:
         cache = stats.adapter_cache or _NO_CACHE
@@ -82,12 +198,17 @@ class EngineCollector(Collector):
             return
         yield from self._gauges(stats, self.current.num_registered)
         yield from self._counters(stats.adapter_cache or _NO_CACHE)
+        if self.current.adapters is not None:
+            yield from _adapter_families(self.current.adapters)
 
 
 class ServerMetrics:
     """The app's metric objects and its private registry."""
 
-    def __init__(self) -> None:
+    def __init__(self, adapter_label_limit: int | None = None) -> None:
+        """``adapter_label_limit``: adapter ids with their own label (``ADAPTER_LABEL_LIMIT``)."""
+        if adapter_label_limit is None:
+            adapter_label_limit = ADAPTER_LABEL_LIMIT  # read now: a test may lower it
         self.registry = CollectorRegistry()
         self.requests = Counter(f"{PREFIX}_http_requests", "HTTP requests by endpoint and status",
                                 ["method", "endpoint", "status"], registry=self.registry)
@@ -98,12 +219,20 @@ class ServerMetrics:
                                      registry=self.registry)
         self.generated_tokens = Counter(f"{PREFIX}_generated_tokens", "tokens generated",
                                         registry=self.registry)
-        self.engine_collector = EngineCollector()
+        self.engine_collector = EngineCollector(adapter_label_limit)
         self.registry.register(self.engine_collector)
 
     def record_tokens(self, prompt: int, generated: int) -> None:
         self.prompt_tokens.inc(prompt)
         self.generated_tokens.inc(generated)
+
+    def adapter_series(self, snapshot: Any) -> AdapterSeries:
+        """The snapshot's per-adapter series under their bounded labels (the label choice is
+        updated on every scrape, shown or not, so every scraper sees the same labels)."""
+        cache = snapshot.stats.adapter_cache
+        return self.engine_collector.labels.fold(
+            snapshot.adapters, snapshot.resident,
+            getattr(cache, "load_times", None) or {})
 
     def render(self, scrape: ScrapeState) -> bytes:
         # no await between setting and rendering: concurrent scrapes cannot interleave here
@@ -154,6 +283,11 @@ async def get_metrics(request: Request) -> Response:
     state = request.app.state
     engine: EngineClient | None = state.engine
     registry = state.registry
-    scrape = ScrapeState((await engine.snapshot()).stats if engine is not None else None,
-                         len(registry) if registry is not None else 0)
+    scrape = ScrapeState(num_registered=len(registry) if registry is not None else 0)
+    if engine is not None:
+        snapshot = await engine.snapshot()
+        scrape.stats = snapshot.stats
+        series = state.metrics.adapter_series(snapshot)
+        if state.config.metrics_adapter_labels == "open" or has_api_key(request):
+            scrape.adapters = series
     return Response(state.metrics.render(scrape), media_type=CONTENT_TYPE_LATEST)

@@ -77,12 +77,14 @@ class AsyncLLMEngine:
 
     async def snapshot(self) -> EngineSnapshot:
         cache = self.engine.adapter_cache
-        return EngineSnapshot(self.engine.stats(), cache.resident() if cache is not None else [])
+        return EngineSnapshot(self.engine.stats(), cache.resident() if cache is not None else [],
+                              self.engine.scheduler.adapter_traffic())
 
     async def forget_adapter(self, adapter_id: str) -> None:
         """New requests cannot get the old weights once this returns (the registry no longer
         has them, and the cache retires its entry now)."""
         self.engine.forget_adapter(adapter_id)
+        self.engine.scheduler.forget_traffic(adapter_id)
         self._wake.set()
 
     # --- lifecycle ----------------------------------------------------------------------------

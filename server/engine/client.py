@@ -8,11 +8,12 @@ implements it again, so the routes stay one set of code. Calls that may cross a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Protocol, runtime_checkable
 
 from .residency import ResidentAdapterInfo
 from .sampling import SamplingParams
+from .scheduler import AdapterTraffic
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -46,6 +47,8 @@ class EngineSnapshot:
 
     stats: "EngineStats"
     resident: list[ResidentAdapterInfo]
+    # Per adapter id (None: the base model): request/token counters and running/waiting now.
+    adapters: dict[str | None, AdapterTraffic] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -42,6 +42,31 @@ class ResidentAdapterInfo:
     config: dict[str, Any]
 
 
+# Upper bounds (seconds) of the load-time histogram buckets; the last bucket is +Inf.
+LOAD_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0, 30.0)
+
+
+@dataclass
+class LoadTimes:
+    """One adapter's cold loads: seconds to read it from the source plus to copy it into the
+    pool (a wait for room in between is not counted), as a histogram."""
+
+    count: int = 0
+    sum_seconds: float = 0.0
+    bucket_counts: list[int] = field(  # per LOAD_SECONDS_BUCKETS bound, then +Inf; not cumulative
+        default_factory=lambda: [0] * (len(LOAD_SECONDS_BUCKETS) + 1))
+
+    def observe(self, seconds: float) -> None:
+        self.count += 1
+        self.sum_seconds += seconds
+        self.bucket_counts[next((i for i, bound in enumerate(LOAD_SECONDS_BUCKETS)
+                                 if seconds <= bound), len(LOAD_SECONDS_BUCKETS))] += 1
+
+    def copy(self) -> "LoadTimes":
+        return LoadTimes(self.count, self.sum_seconds, list(self.bucket_counts))
+
+
 @dataclass
 class AdapterCacheStats:
     budget_bytes: int
@@ -53,6 +78,7 @@ class AdapterCacheStats:
     loads: int
     evictions: int
     staged_bytes: int = 0  # read from disk, waiting on the CPU for room
+    load_times: dict[str, LoadTimes] = field(default_factory=dict)  # by adapter id
 
 
 @dataclass(eq=False)
@@ -81,6 +107,8 @@ class AdapterCache:
         self._by_slot: dict[int, _Resident] = {}  # live and retired entries
         self._loading: dict[str, Future[CompactAdapter]] = {}
         self._staged: OrderedDict[str, CompactAdapter] = OrderedDict()  # read, waiting for room
+        self._read_seconds: dict[str, float] = {}  # the last read of each adapter not yet installed
+        self._load_times: dict[str, LoadTimes] = {}
         self._lock = threading.RLock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
         self._element_size = torch.empty((), dtype=pool.dtype).element_size()
@@ -116,8 +144,11 @@ class AdapterCache:
             self.on_loaded()
 
     def _read(self, adapter_id: str) -> CompactAdapter:
+        started = time.perf_counter()
         adapter = self.source.load_adapter(adapter_id)
         self.pool.check_representable(adapter)
+        with self._lock:
+            self._read_seconds[adapter_id] = time.perf_counter() - started
         return adapter
 
     def prepare(self, adapter_id: str) -> Future[int]:
@@ -199,8 +230,12 @@ class AdapterCache:
             self._stage(adapter_id, adapter)
             return None
         slot = self._free_slot()
+        started = time.perf_counter()
         self.pool.load(slot, adapter)
+        copy_seconds = time.perf_counter() - started
         self.loads += 1
+        self._load_times.setdefault(adapter_id, LoadTimes()).observe(
+            self._read_seconds.pop(adapter_id, 0.0) + copy_seconds)
         entry = _Resident(adapter_id, slot, self.pool.slot_nbytes(slot), adapter.num_params,
                           adapter.config.to_json_dict())
         self._lru[adapter_id] = entry
@@ -264,6 +299,8 @@ class AdapterCache:
         with self._lock:
             self._loading.pop(adapter_id, None)
             self._staged.pop(adapter_id, None)
+            self._read_seconds.pop(adapter_id, None)
+            self._load_times.pop(adapter_id, None)  # a re-upload under the id starts afresh
             entry = self._lru.pop(adapter_id, None)
             if entry is not None:
                 entry.retired = True
@@ -283,7 +320,8 @@ class AdapterCache:
         with self._lock:
             return AdapterCacheStats(self.budget_bytes, self.used_bytes, len(self._by_slot),
                                      len(self._loading), self.hits, self.misses, self.loads,
-                                     self.evictions, self.staged_bytes)
+                                     self.evictions, self.staged_bytes,
+                                     {k: v.copy() for k, v in self._load_times.items()})
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -10,8 +10,9 @@ chunked: a prompt longer than the remaining token budget is split over several s
 
 from __future__ import annotations
 
+import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .kv_cache import BlockAllocator
 from .residency import AdapterCache
@@ -54,6 +55,18 @@ class SchedulerOutput:
         return sum(c.num_tokens for c in self.chunks)
 
 
+@dataclass
+class AdapterTraffic:
+    """One adapter's requests (the base model's under the id None): counters since start or
+    since the adapter was last forgotten, and the requests waiting and running now."""
+
+    requests: int = 0  # accepted
+    prompt_tokens: int = 0  # of the accepted requests (each choice of n is a request)
+    generated_tokens: int = 0
+    running: int = 0
+    waiting: int = 0
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, allocator: BlockAllocator,
                  adapters: AdapterCache | None) -> None:
@@ -64,11 +77,19 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions = 0
+        # Counters of the sequences no longer in ``requests``, by adapter id; the lock makes a
+        # sequence leaving ``requests`` and its tokens landing here one step for readers.
+        self._retired: dict[str | None, AdapterTraffic] = {}
+        self._traffic_lock = threading.Lock()
 
     # --- requests -----------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         """Queue a request the engine accepted (the engine owns the request checks)."""
-        self.requests[seq.request_id] = seq
+        with self._traffic_lock:
+            self.requests[seq.request_id] = seq
+            retired = self._retired.setdefault(seq.adapter_id, AdapterTraffic())
+            retired.requests += 1
+            retired.prompt_tokens += seq.num_prompt_tokens
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
@@ -85,7 +106,29 @@ class Scheduler:
             self.waiting.remove(seq)
         self._free(seq)
         seq.status, seq.finish_reason, seq.error = SequenceStatus.FINISHED, reason, error
-        self.requests.pop(seq.request_id, None)
+        with self._traffic_lock:
+            if self.requests.pop(seq.request_id, None) is seq:
+                retired = self._retired.setdefault(seq.adapter_id, AdapterTraffic())
+                retired.generated_tokens += seq.num_output_tokens
+
+    def adapter_traffic(self) -> dict[str | None, AdapterTraffic]:
+        """Per adapter id (None: the base model): the counters, with the tokens of live
+        sequences so far, and the running/waiting counts. Safe from any thread; the counters
+        never go backwards (until ``forget_traffic``)."""
+        with self._traffic_lock:
+            traffic = {key: replace(value) for key, value in self._retired.items()}
+            live = list(self.requests.values())
+        for seq in live:
+            entry = traffic.setdefault(seq.adapter_id, AdapterTraffic())
+            entry.generated_tokens += seq.num_output_tokens
+            entry.running += seq.status is SequenceStatus.RUNNING
+            entry.waiting += seq.status is SequenceStatus.WAITING
+        return traffic
+
+    def forget_traffic(self, adapter_id: str) -> None:
+        """The adapter was deleted: drop its counters (memory stays bounded by live ids)."""
+        with self._traffic_lock:
+            self._retired.pop(adapter_id, None)
 
     @property
     def has_work(self) -> bool:
