@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +78,18 @@ class CompactAdapter:
     @property
     def nbytes(self) -> int:
         return sum(w.nbytes for w in self.modules.values())
+
+    def digest(self) -> bytes:
+        """A 16-byte BLAKE2b of the config and every weight's bytes: the adapter's identity
+        (equal digests, equal deltas), independent of its id."""
+        hasher = hashlib.blake2b(digest_size=16)
+        hasher.update(json.dumps(self.config.to_json_dict(), sort_keys=True).encode())
+        for path, weights in sorted(self.modules.items()):
+            hasher.update(path.encode())
+            for tensor in weights.tensors():
+                hasher.update(str(tensor.dtype).encode())
+                hasher.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return hasher.digest()
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """Module path -> (in_features, out_features) of every adapted module."""

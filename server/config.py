@@ -97,6 +97,10 @@ def positive(value: Any) -> str | None:
     return None if _is_int(value) and value >= 1 else "must be a positive integer"
 
 
+def boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be true or false"
+
+
 def port_number(value: Any) -> str | None:
     return None if _is_int(value) and 0 <= value <= 65535 else "must be an integer in 0..65535"
 
@@ -308,6 +312,10 @@ class EngineConfig:
                                 help="most tokens per sequence (prompt + output)")
     max_queue: int = option(1024, parse=int, check=positive,
                             help="most waiting requests before 429")
+    prefix_caching: bool = option(
+        True, parse=parse_bool, check=boolean,
+        help="reuse the KV blocks of a prompt prefix seen before on the same adapter weights "
+             "(--no-prefix-caching turns it off)")
     cache_dir: Path | None = option(None, parse=expanded_path, optional=True,
                                     help="where the converted default model is cached",
                                     shown_default="$PROLORA_SERVE_CACHE or the user cache")

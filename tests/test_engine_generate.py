@@ -483,3 +483,67 @@ def test_a_16bit_kv_cache_keeps_logprobs_close_to_float64(tiny: Tiny, kv_dtype: 
     errors = [abs(entry.logprob - float(reference[len(ids) - 1 + i, entry.token_id]))
               for i, entry in enumerate(result.logprobs)]
     assert len(errors) == 8 and max(errors) < tolerance, errors
+
+
+# ---- automatic prefix caching ---------------------------------------------------------------------
+def _shared_prefix_requests(tiny: Tiny, arrival_gap: int) -> list[Request]:
+    system = prompt_ids(tiny, 70, seed=21)  # four full 16-token blocks and a partial one
+    requests = []
+    for i, adapter in enumerate([None, "pro-a", None, "pro-a", "lora-a", "pro-b", None, "lora-a"]):
+        tail = prompt_ids(tiny, 5 + i, seed=40 + i)
+        requests.append(Request(f"r{i}", system + tail, greedy(6), adapter, arrival_step=i * arrival_gap))
+    return requests
+
+
+@pytest.mark.parametrize("arrival_gap", [0, 12])  # all in one batch; each after the last finished
+def test_prefix_cache_reuses_blocks_and_changes_no_output(tiny: Tiny, arrival_gap: int) -> None:
+    requests = _shared_prefix_requests(tiny, arrival_gap)
+    cached_engine = tiny.engine(prefix_caching=True)
+    cached = run(cached_engine, requests)
+    uncached_engine = tiny.engine(prefix_caching=False)
+    uncached = run(uncached_engine, requests)
+    assert {k: r.token_ids for k, r in cached.items()} == {k: r.token_ids for k, r in uncached.items()}
+    stats, off = cached_engine.stats(), uncached_engine.stats()
+    assert off.prefix_cache_hits == 0 and off.kv_blocks_cached == 0
+    if arrival_gap:  # later requests found the 4 system-prompt blocks of their own adapter
+        # per adapter, all but the first request hit: base 2, pro-a 1, lora-a 1 (pro-b: none)
+        assert stats.prefix_cache_hits == 4 * 4
+        assert stats.prompt_tokens == off.prompt_tokens - 4 * 4 * 16
+    assert stats.kv_blocks_cached > 0 and stats.kv_blocks_used == 0  # cached, yet all free
+
+
+def test_prefix_cache_keys_blocks_by_adapter_weights_never_by_id(tiny: Tiny) -> None:
+    shapes = tiny.loaded().model.linear_shapes()
+    first, replaced = (CompactAdapter.random(ProLoRAConfig(8, 1, 7, 7, 16, ("q_proj", "v_proj")), shapes,
+                                             torch.Generator().manual_seed(seed), std=0.3)
+                       for seed in (7, 8))
+    prompt = prompt_ids(tiny, 60, seed=5)
+    engine = tiny.engine()
+    engine.adapter_source.adapters["same-id"] = first
+    run(engine, [Request("a", prompt, greedy(4), "same-id")])
+    engine.forget_adapter("same-id")  # deleted, then re-uploaded under the same id, new weights
+    engine.adapter_source.adapters["same-id"] = replaced
+    hits_before = engine.stats().prefix_cache_hits
+    after = run(engine, [Request("b", prompt, greedy(4), "same-id")])["b"]
+    assert engine.stats().prefix_cache_hits == hits_before  # the old blocks are not this adapter's
+    fresh = tiny.engine(prefix_caching=False)
+    fresh.adapter_source.adapters["same-id"] = replaced
+    assert after.token_ids == run(fresh, [Request("c", prompt, greedy(4), "same-id")])["c"].token_ids
+    again = run(engine, [Request("d", prompt, greedy(4), "same-id")])["d"]  # same weights: reuse
+    assert engine.stats().prefix_cache_hits == hits_before + 3 and again.token_ids == after.token_ids
+
+
+def test_cached_blocks_are_evicted_lru_when_the_cache_is_full(tiny: Tiny) -> None:
+    block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # layers x (K, V) x slots x kv heads x head dim x fp32
+    engine = tiny.engine(kv_cache_memory=12 * block_bytes)  # 12 blocks in all
+    prompts = [prompt_ids(tiny, 50, seed=60 + i) for i in range(4)]  # 4 blocks each with output
+    for i, prompt in enumerate(prompts):
+        run(engine, [Request(f"p{i}", prompt, greedy(4))])
+    assert engine.stats().kv_blocks_cached <= 12
+    hits = engine.stats().prefix_cache_hits
+    run(engine, [Request("last-again", prompts[-1], greedy(4))])  # recently used: still cached
+    assert engine.stats().prefix_cache_hits == hits + 3
+    # p3 needed one block more than the free ones: the least recently freed cached block went,
+    # the tail of p0's chain (blocks are freed tail first), so p0 keeps its first two blocks
+    run(engine, [Request("first-again", prompts[0], greedy(4))])
+    assert engine.stats().prefix_cache_hits == hits + 3 + 2

@@ -96,3 +96,26 @@ def test_kv_cache_shapes_and_bytes() -> None:
     assert KVCache.bytes_per_block(3, 4, 2, 8, torch.bfloat16) == 2 * 3 * 4 * 2 * 8 * 2
     with pytest.raises(ValueError, match="num_blocks must be >= 1"):
         KVCache(1, 0, 4, 2, 8)
+
+
+def test_prefix_caching_allocator_shares_keeps_and_evicts_lru() -> None:
+    alloc = BlockAllocator(4, caching=True)
+    a = alloc.allocate(2)
+    alloc.register(a[0], b"h0")
+    alloc.register(a[1], b"h1")
+    alloc.register(a[1], b"other")  # a block keeps its first hash
+    assert alloc.lookup([b"h0", b"h1", b"h2"]) == a  # the longest cached prefix, shared now
+    assert alloc.num_used == 2 and alloc.hits == 2 and alloc.queries == 3
+    alloc.free(a)
+    alloc.free(a)  # the second reference: now unreferenced, yet cached
+    assert alloc.num_used == 0 and alloc.num_free == 4 and alloc.num_cached == 2
+    fresh = alloc.allocate(2)  # blocks without content go first
+    assert set(fresh).isdisjoint(a) and alloc.num_cached == 2
+    evicting = alloc.allocate(1)  # then the least recently freed cached block
+    assert evicting == [a[1]] and alloc.num_cached == 1 and alloc.lookup([b"h0", b"h1"]) == [a[0]]
+    with pytest.raises(ValueError, match="not allocated"):
+        BlockAllocator(2, caching=True).register(1, b"h")  # a free block has no content
+    plain = BlockAllocator(2)
+    block = plain.allocate(1)
+    plain.register(block[0], b"h")
+    assert plain.lookup([b"h"]) == [] and plain.num_cached == 0  # caching off: nothing kept

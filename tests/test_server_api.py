@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from pathlib import Path
 
@@ -430,3 +431,16 @@ def test_min_p_one_is_greedy_and_chat_template_options(client, base_name) -> Non
         extra_body={"continue_final_message": True, "add_generation_prompt": False})
     fresh = client.chat.completions.create(model=base_name, messages=messages, max_tokens=2)
     assert continued.usage.prompt_tokens < fresh.usage.prompt_tokens  # no end-of-turn, no new turn
+
+
+def test_prefix_cache_hits_show_in_metrics_and_dashboard_state(client, base_name, server) -> None:
+    long_prompt = " ".join(["the cat sat on the mat"] * 8)  # 48 words: three full 16-token blocks
+    before = httpx.get(f"{server.url}/v1/dashboard/state").json()["prefix_cache"]["hits"]
+    for _ in range(2):
+        client.completions.create(model=base_name, prompt=long_prompt, max_tokens=2, temperature=0)
+    state = httpx.get(f"{server.url}/v1/dashboard/state").json()
+    assert state["prefix_cache"]["hits"] >= before + 2 and state["kv_cache"]["kv_blocks_cached"] >= 2
+    text = httpx.get(f"{server.url}/metrics").text
+    hits = float(re.search(r"^prolora_prefix_cache_hits_total (\S+)$", text, re.M).group(1))
+    assert hits == state["prefix_cache"]["hits"] and "prolora_prefix_cache_misses_total" in text
+    assert re.search(r"^prolora_kv_blocks_cached \S+$", text, re.M)

@@ -164,7 +164,9 @@ def test_every_declared_option_has_flag_variable_help_and_refuses_bad_values(cls
     assert len(declared) >= (20 if cls is settings.ServerConfig else 3)
     for f, opt in declared:
         action = actions[f.name]
-        assert action.option_strings == [settings.flag_name(f.name)]
+        flag = settings.flag_name(f.name)
+        negated = ["--no-" + flag[2:]] if opt.parse is settings.parse_bool else []
+        assert action.option_strings == [flag, *negated]
         assert opt.help and settings.env_name(f.name) in action.help and "default:" in action.help
         bad = _bad_texts(opt)
         assert bool(bad) != (f.name in FREE_TEXT), f"{f.name}: add a bad value or mark it free text"

@@ -106,7 +106,10 @@ def _engine_json(model: ModelInfo, snapshot: EngineSnapshot) -> dict[str, Any]:
         "model": model.name,
         "backends": dataclasses.asdict(model.backends),
         "base_model_bytes": stats["base_model_bytes"],
-        "kv_cache": _pick(stats, "kv_cache_bytes", "kv_blocks_total", "kv_blocks_used"),
+        "kv_cache": _pick(stats, "kv_cache_bytes", "kv_blocks_total", "kv_blocks_used",
+                          "kv_blocks_cached"),
+        "prefix_cache": {"hits": stats["prefix_cache_hits"],
+                         "misses": stats["prefix_cache_queries"] - stats["prefix_cache_hits"]},
         "scheduler": _pick(stats, "num_waiting", "num_running", "last_batch_size", "last_batch_tokens"),
         "counters": _pick(stats, "num_requests", "num_finished", "num_aborted", "num_preemptions",
                           "num_steps", "prompt_tokens", "generated_tokens"),
@@ -116,6 +119,7 @@ def _engine_json(model: ModelInfo, snapshot: EngineSnapshot) -> dict[str, Any]:
 
 def _no_engine_json() -> dict[str, Any]:
     return {"model": None, "backends": None, "base_model_bytes": None, "kv_cache": None,
+            "prefix_cache": None,
             "scheduler": None, "counters": None, "adapter_cache": None}
 
 

@@ -177,6 +177,7 @@ class EngineCollector(Collector):
             ("batch_size", "sequences in the last engine step", stats.last_batch_size),
             ("kv_blocks_used", "KV cache blocks in use", stats.kv_blocks_used),
             ("kv_blocks_total", "KV cache blocks in total", stats.kv_blocks_total),
+            ("kv_blocks_cached", "KV cache blocks holding prefix-cached content", stats.kv_blocks_cached),
             ("kv_cache_bytes", "bytes of the KV cache", stats.kv_cache_bytes),
             ("base_model_bytes", "bytes of the resident base model", stats.base_model_bytes),
             ("adapter_cache_budget_bytes", "adapter cache byte budget", cache.budget_bytes),
@@ -192,12 +193,19 @@ class EngineCollector(Collector):
                           ("evictions", "adapters evicted from the device cache")):
             yield CounterMetricFamily(f"{PREFIX}_adapter_cache_{name}", doc, value=getattr(cache, name))
 
+    def _prefix_counters(self, stats: EngineStats) -> Iterator[CounterMetricFamily]:
+        hits, queries = stats.prefix_cache_hits, stats.prefix_cache_queries
+        for name, doc, value in (("hits", "prompt KV blocks reused from the prefix cache", hits),
+                                 ("misses", "prompt KV blocks looked up and not cached", queries - hits)):
+            yield CounterMetricFamily(f"{PREFIX}_prefix_cache_{name}", doc, value=value)
+
     def collect(self) -> Iterator[Any]:
         stats = self.current.stats
         if stats is None:
             return
         yield from self._gauges(stats, self.current.num_registered)
         yield from self._counters(stats.adapter_cache or _NO_CACHE)
+        yield from self._prefix_counters(stats)
         if self.current.adapters is not None:
             yield from _adapter_families(self.current.adapters)
 

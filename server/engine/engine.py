@@ -78,6 +78,9 @@ class EngineStats:
     last_batch_tokens: int  # token rows in the last step
     kv_blocks_total: int
     kv_blocks_used: int
+    kv_blocks_cached: int  # holding prefix-cached content (in use, or kept until evicted)
+    prefix_cache_hits: int  # prompt blocks reused from the cache since start
+    prefix_cache_queries: int  # prompt blocks looked up since start
     kv_cache_bytes: int
     base_model_bytes: int
     adapter_cache: AdapterCacheStats | None
@@ -137,7 +140,7 @@ class LLMEngine:
                               if adapter_source is not None else None)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_batch, config.max_batched_tokens, config.block_size),
-            BlockAllocator(num_blocks), self.adapter_cache)
+            BlockAllocator(num_blocks, caching=config.prefix_caching), self.adapter_cache)
         positions = getattr(self.hf_config, "max_position_embeddings", None) or config.max_model_len
         self.max_len = min(config.max_model_len, positions, num_blocks * config.block_size)
         self.token_text = TokenTextCache(self.tokenizer)
@@ -276,6 +279,7 @@ class LLMEngine:
         try:
             started = time.perf_counter()
             logits = self.runner.run(chunks)
+            self.scheduler.cache_computed_blocks(chunks)  # before postprocess frees finished ones
             forwarded = time.perf_counter()
             outputs = self._postprocess(chunks, logits)
             self._counters.forward_s += forwarded - started
@@ -406,6 +410,9 @@ class LLMEngine:
             last_batch_tokens=counters.last_batch_tokens,
             kv_blocks_total=allocator.num_blocks,
             kv_blocks_used=allocator.num_used,
+            kv_blocks_cached=allocator.num_cached,
+            prefix_cache_hits=allocator.hits,
+            prefix_cache_queries=allocator.queries,
             kv_cache_bytes=self.runner.kv_cache.nbytes,
             base_model_bytes=self.loaded.nbytes,
             adapter_cache=self.adapter_cache.stats() if self.adapter_cache is not None else None,

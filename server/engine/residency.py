@@ -88,6 +88,7 @@ class _Resident:
     nbytes: int
     num_params: int
     config: dict[str, Any]
+    identity: bytes  # CompactAdapter.digest(): what prefix-cached KV blocks are keyed by
     refcount: int = 0
     last_used: float = field(default_factory=time.time)
     retired: bool = False  # forgotten: freed as soon as nobody uses it
@@ -237,10 +238,15 @@ class AdapterCache:
         self._load_times.setdefault(adapter_id, LoadTimes()).observe(
             self._read_seconds.pop(adapter_id, 0.0) + copy_seconds)
         entry = _Resident(adapter_id, slot, self.pool.slot_nbytes(slot), adapter.num_params,
-                          adapter.config.to_json_dict())
+                          adapter.config.to_json_dict(), adapter.digest())
         self._lru[adapter_id] = entry
         self._by_slot[slot] = entry
         return self._take_reference(entry)
+
+    def identity(self, slot: int) -> bytes:
+        """The digest of the weights in ``slot`` (prefix-cache blocks are keyed by it)."""
+        with self._lock:
+            return self._by_slot[slot].identity
 
     def _take_reference(self, entry: _Resident) -> int:
         entry.refcount += 1

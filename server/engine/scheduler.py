@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 from .kv_cache import BlockAllocator
+from .prefix_cache import BASE_IDENTITY, block_hashes
 from .residency import AdapterCache
 from .sequence import Sequence, SequenceStatus
 
@@ -176,15 +177,54 @@ class Scheduler:
                 return
             if not self._acquire_adapter(seq, out):
                 continue  # its adapter is loading (or failed): the others go ahead
+            self._reuse_cached_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._grow_blocks(seq, seq.num_computed_tokens + num_new):
-                self._release_adapter(seq)
+                self._free(seq)  # its adapter and any cached prefix blocks it took
+                seq.num_computed_tokens = 0
                 return  # FCFS for KV memory: nobody behind it jumps the queue
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.chunks.append(self._chunk(seq, num_new))
             budget -= num_new
+
+    # --- prefix caching -----------------------------------------------------------------
+    def _identity(self, seq: Sequence) -> bytes:
+        if seq.adapter_slot is None:
+            return BASE_IDENTITY
+        assert self.adapters is not None
+        return self.adapters.identity(seq.adapter_slot)
+
+    def _hashes(self, seq: Sequence) -> list[bytes]:
+        seq.block_hashes = block_hashes(seq.token_ids, self.config.block_size, self._identity(seq),
+                                        seq.block_hashes)
+        return seq.block_hashes
+
+    def _reuse_cached_prefix(self, seq: Sequence) -> None:
+        """Start a new (or preempted) sequence on the cached blocks of its longest cached
+        prefix; at least one token is always computed (it gives the next token's logits)."""
+        if not self.allocator.caching or seq.num_computed_tokens or seq.needs_prompt_logprobs:
+            return
+        reusable = (seq.num_tokens - 1) // self.config.block_size
+        blocks = self.allocator.lookup(self._hashes(seq)[:reusable])
+        seq.block_table = blocks
+        seq.num_computed_tokens = len(blocks) * self.config.block_size
+        seq.num_registered_blocks = len(blocks)
+
+    def cache_computed_blocks(self, chunks: list[ScheduledChunk]) -> None:
+        """After a forward: register the blocks it filled, so later requests can reuse them."""
+        if not self.allocator.caching:
+            return
+        for chunk in chunks:
+            seq = chunk.seq
+            full = min(chunk.end // self.config.block_size, len(seq.block_table))
+            if full <= seq.num_registered_blocks or seq.is_finished:
+                continue
+            hashes = self._hashes(seq)
+            for index in range(seq.num_registered_blocks, full):
+                self.allocator.register(seq.block_table[index], hashes[index])
+            seq.num_registered_blocks = full
 
     def _chunk(self, seq: Sequence, num_new: int) -> ScheduledChunk:
         start = seq.num_computed_tokens
@@ -217,6 +257,7 @@ class Scheduler:
         if seq.block_table:
             self.allocator.free(seq.block_table)
             seq.block_table = []
+        seq.num_registered_blocks = 0
         self._release_adapter(seq)
 
     def _acquire_adapter(self, seq: Sequence, out: SchedulerOutput) -> bool:

@@ -54,6 +54,10 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
     grammar: Any = None  # an xgrammar GrammarMatcher when params.grammar is set (grammar.py)
+    # Prefix caching (prefix_cache.py): the hash chain of its full blocks, valid across
+    # preemptions (the tokens do not change), and how many of its blocks are registered.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

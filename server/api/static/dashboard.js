@@ -394,6 +394,8 @@
       stat("KV cache", kv ? fmtBytes(kv.kv_cache_bytes) : "—", "kv_cache", blocks),
       stat("Adapter cache", cache ? fmtBytes(cache.used_bytes) : "—", "adapter_cache",
            cache ? `of ${fmtBytes(cache.budget_bytes)} budget` : ""),
+      stat("Prefix cache", state.prefix_cache ? `${fmtInt(state.prefix_cache.hits)} / ${fmtInt(state.prefix_cache.misses)}` : "—",
+           "prefix_cache", kv && kv.kv_blocks_cached !== undefined ? `block hits / misses · ${fmtInt(kv.kv_blocks_cached)} blocks cached` : ""),
       stat("Hit rate", cache && cache.hit_rate !== null ? (100 * cache.hit_rate).toFixed(1) + "%" : "—", "hit_rate"),
       stat("Hits / misses", cache ? `${fmtInt(cache.hits)} / ${fmtInt(cache.misses)}` : "—", "hits_misses"),
       stat("Loads / evictions", cache ? `${fmtInt(cache.loads)} / ${fmtInt(cache.evictions)}` : "—", "loads_evictions"),
