@@ -19,6 +19,7 @@ import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 600.0
+ADAPTER_PAGE = 1000  # adapters per GET /adapters request (the server's maximum page)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -187,7 +188,15 @@ class ProloraClient(_Common):
         return self._request("GET", "/v1/capacity", params=query)
 
     def list_adapters(self) -> list[AdapterInfo]:
-        return [AdapterInfo.from_json(a) for a in self._request("GET", "/adapters")["data"]]
+        """Every adapter: follows the server's pages (``has_more``, ``after``)."""
+        adapters: list[AdapterInfo] = []
+        params: dict[str, Any] = {"limit": ADAPTER_PAGE}
+        while True:
+            page = self._request("GET", "/adapters", params=params)
+            adapters += [AdapterInfo.from_json(a) for a in page["data"]]
+            if not page.get("has_more") or not page["data"]:
+                return adapters
+            params["after"] = page["data"][-1]["id"]
 
     def get_adapter(self, adapter_id: str) -> AdapterInfo:
         return AdapterInfo.from_json(self._request("GET", f"/adapters/{adapter_id}"))
@@ -260,7 +269,15 @@ class AsyncProloraClient(_Common):
         return await self._request("GET", "/v1/capacity", params=query)
 
     async def list_adapters(self) -> list[AdapterInfo]:
-        return [AdapterInfo.from_json(a) for a in (await self._request("GET", "/adapters"))["data"]]
+        """Every adapter: follows the server's pages (``has_more``, ``after``)."""
+        adapters: list[AdapterInfo] = []
+        params: dict[str, Any] = {"limit": ADAPTER_PAGE}
+        while True:
+            page = await self._request("GET", "/adapters", params=params)
+            adapters += [AdapterInfo.from_json(a) for a in page["data"]]
+            if not page.get("has_more") or not page["data"]:
+                return adapters
+            params["after"] = page["data"][-1]["id"]
 
     async def get_adapter(self, adapter_id: str) -> AdapterInfo:
         return AdapterInfo.from_json(await self._request("GET", f"/adapters/{adapter_id}"))

@@ -40,13 +40,18 @@ def server(live_server, tiny_llama_dir, tmp_path_factory):
     server.stop()
 
 
-def test_sync_client_round_trip(server) -> None:
+def test_sync_client_round_trip(server, monkeypatch) -> None:
+    from prolora_serve.clients import client as client_module
+
     with ProloraClient(server.url, admin_key=ADMIN_KEY) as client:
         assert client.health()["status"] == "ok"
         info = client.upload_adapter("one", server.single)
         pair = client.upload_adapter("pair", server.folder)
         assert info.id == "one" and info.num_params == pair.num_params > 0
         assert [a.id for a in client.list_adapters()] == ["one", "pair"]
+        monkeypatch.setattr(client_module, "ADAPTER_PAGE", 1)  # one adapter a page: it follows
+        assert [a.id for a in client.list_adapters()] == ["one", "pair"]
+        monkeypatch.undo()
         base = client.completion("the cat sat", max_tokens=6, temperature=0, ignore_eos=True)
         tuned = client.completion("the cat sat", adapter="one", max_tokens=6, temperature=0,
                                   ignore_eos=True)

@@ -36,11 +36,19 @@ class Record:  # the fields of adapters.registry.AdapterRecord the dashboard rea
 
 
 @dataclass
-class FakeRegistry:
+class FakeRegistry:  # the queries of adapters.registry.AdapterRegistry the dashboard makes
     records: list[Record] = field(default_factory=list)
 
-    def list(self) -> list[Record]:
-        return list(self.records)
+    def list(self, limit: int | None = None, after: str | None = None) -> list[Record]:
+        ordered = sorted(self.records, key=lambda r: r.adapter_id)
+        ordered = [r for r in ordered if after is None or r.adapter_id > after]
+        return ordered[:limit] if limit is not None else ordered
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __contains__(self, adapter_id: object) -> bool:
+        return any(r.adapter_id == adapter_id for r in self.records)
 
 
 REGISTRY = FakeRegistry([
@@ -223,6 +231,15 @@ def test_state_without_engine_lists_registered_adapters_as_cold(client: TestClie
     assert (cold["legacy-lora"]["num_params"], cold["legacy-lora"]["nbytes"]) == (2000, 8000)
 
 
+def test_state_sends_a_bounded_page_of_cold_adapters_and_counts_them_all() -> None:
+    many = FakeRegistry([Record(f"ad{i:05d}", {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                               "target_modules": ["q_proj"]}, 10, 40)
+                         for i in range(dashboard.COLD_LIMIT + 300)])
+    state = TestClient(make_app(registry=many)).get("/v1/dashboard/state").json()
+    assert state["num_registered"] == state["num_cold"] == dashboard.COLD_LIMIT + 300
+    assert [e["id"] for e in state["cold"]] == [f"ad{i:05d}" for i in range(dashboard.COLD_LIMIT)]
+
+
 def test_state_without_registry_or_engine() -> None:
     state = TestClient(make_app(registry=None)).get("/v1/dashboard/state").json()
     assert (state["num_registered"], state["cold"], state["resident"]) == (None, [], [])
@@ -315,7 +332,7 @@ def test_real_app_state_follows_residency(real_server: Any) -> None:
     assert state["num_registered"] == 3
     resident = {entry["id"]: entry for entry in state["resident"]}
     assert list(resident) == ["alpha"]
-    assert {entry["id"] for entry in state["cold"]} == {"beta", "gamma"}
+    assert {entry["id"] for entry in state["cold"]} == {"beta", "gamma"} and state["num_cold"] == 2
     alpha = resident["alpha"]
     # Residency overhead 0: resident bytes are the compact parameters at the pool's 4 bytes.
     assert alpha["nbytes"] == registry.get("alpha").nbytes == 4 * alpha["num_params"]

@@ -5,7 +5,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import pickle
+import signal
+import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -34,7 +39,8 @@ def adapter_bytes(config: ProLoRAConfig = PROLORA, shapes=SHAPES, seed: int = 0)
 
 
 def stored_files(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.name != ".staging")
+    """The adapter files (not .staging, .pending or the index)."""
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
 
 
 @pytest.fixture
@@ -219,3 +225,235 @@ def test_restart_indexes_many_adapters_from_headers_only(tmp_path: Path, monkeyp
     monkeypatch.setattr(adapter_format, "load_adapter", no_tensor_reads)
     second = AdapterRegistry(tmp_path, SHAPES)
     assert len(second) == 301 and second.get("copy-299").num_params == template.num_params
+
+
+# --- the index beside the files: consistency, rebuilds, kill -9, pagination ---------------------
+def registry_with(root: Path, ids, config: ProLoRAConfig = PROLORA) -> AdapterRegistry:
+    registry = AdapterRegistry(root, SHAPES)
+    for seed, adapter_id in enumerate(ids):
+        registry.register_upload(adapter_id, file=io.BytesIO(adapter_bytes(config, seed=seed)))
+    return registry
+
+
+def listed(registry: AdapterRegistry) -> list[str]:
+    return [r.adapter_id for r in registry.list()]
+
+
+def no_reads(monkeypatch) -> None:
+    """Fail on any header or tensor read."""
+    import prolora_serve.adapters.format as adapter_format
+    import prolora_serve.adapters.registry as registry_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a consistent index must not read adapter files")
+
+    monkeypatch.setattr(adapter_format, "load_adapter", refuse)
+    monkeypatch.setattr(registry_module, "_read_header", refuse)
+
+
+def test_reopening_with_a_consistent_index_reads_no_adapter_file(tmp_path: Path, monkeypatch) -> None:
+    first = registry_with(tmp_path, ["b", "a", "c"])
+    assert first.index_path.is_file() and first.index_path.name.startswith(".index-")
+    no_reads(monkeypatch)
+    second = AdapterRegistry(tmp_path, SHAPES)
+    assert listed(second) == ["a", "b", "c"] and second.list() == first.list()
+    report = second.open_report
+    assert (report.index_created, report.reread, report.dropped, report.adapters) == (False, 0, 0, 3)
+    assert second.get("b") == first.get("b") and "c" in second and len(second) == 3
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbage", "other-schema", "no-table"])
+def test_a_missing_or_unreadable_index_is_rebuilt_from_the_files(tmp_path: Path, damage: str,
+                                                                   caplog) -> None:
+    first = registry_with(tmp_path, ["x", "y"])
+    records, path = first.list(), first.index_path
+    first.close()
+    if damage in ("other-schema", "no-table"):
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'"
+                         if damage == "other-schema" else "DROP TABLE adapters")
+        conn.close()
+    else:
+        for companion in (path, path.with_name(path.name + "-wal"),
+                          path.with_name(path.name + "-shm")):
+            companion.unlink(missing_ok=True)
+    if damage == "garbage":
+        path.write_bytes(b"this is not an sqlite database" * 100)
+    with caplog.at_level(logging.WARNING):
+        second = AdapterRegistry(tmp_path, SHAPES)
+    assert second.open_report.index_created and second.open_report.reread == 2
+    assert second.list() == records
+    assert ("unreadable" in caplog.text) == (damage in ("garbage", "no-table"))
+    assert AdapterRegistry(tmp_path, SHAPES).open_report.reread == 0  # rebuilt once, then trusted
+
+
+def test_files_added_changed_or_removed_behind_its_back_are_seen_at_the_next_open(
+        tmp_path: Path, caplog) -> None:
+    first = registry_with(tmp_path, ["keep", "touched", "removed", "replaced"])
+    # Added by hand, in the registry's own form: a copy of keep's pair (the file name is the id).
+    for suffix in (".safetensors", ".json"):
+        (tmp_path / f"added{suffix}").write_bytes((tmp_path / f"keep{suffix}").read_bytes())
+    # Same size, new mtime: re-read (and still valid).
+    stat = (tmp_path / "touched.safetensors").stat()
+    os.utime(tmp_path / "touched.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    for suffix in (".json", ".safetensors"):
+        (tmp_path / f"removed{suffix}").unlink()
+    (tmp_path / "replaced.safetensors").write_bytes(adapter_bytes(LORA, seed=7))  # other size
+    with caplog.at_level(logging.WARNING):
+        second = AdapterRegistry(tmp_path, SHAPES)
+    assert listed(second) == ["added", "keep", "touched"] and second.get("added").adapter_id == "added"
+    assert (second.open_report.reread, second.open_report.dropped) == (2, 2)
+    assert "replaced" in caplog.text
+    for gone in ("removed", "replaced"):
+        assert gone not in second and not second.has_adapter(gone)
+        with pytest.raises(AdapterNotFoundError):
+            second.get(gone)
+    assert_same_weights(second.load_adapter("added"), second.load_adapter("keep"))
+
+
+def test_reupload_of_a_deleted_id_is_indexed_as_the_new_adapter(tmp_path: Path) -> None:
+    registry = registry_with(tmp_path, ["same"])
+    with pytest.raises(DuplicateAdapterError):
+        registry.register_upload("same", file=io.BytesIO(adapter_bytes(LORA)))
+    old = registry.delete("same")
+    assert len(registry) == 0 and "same" not in registry
+    new_adapter = random_adapter(LORA, SHAPES, seed=4)
+    new = registry.register_upload("same", file=io.BytesIO(adapter_to_bytes(new_adapter)))
+    assert new.config["peft_type"] == "LORA" != old.config["peft_type"]
+    assert registry.get("same") == new and listed(registry) == ["same"] and len(registry) == 1
+    reopened = AdapterRegistry(tmp_path, SHAPES)
+    assert reopened.get("same") == new and reopened.open_report.reread == 0
+    assert_same_weights(reopened.load_adapter("same"), new_adapter)
+
+
+# A child process that opens the store, arms one kill point, then uploads or deletes: the
+# registry's own code runs until SIGKILL stops it there.
+KILL_CHILD = r"""
+import io, json, os, signal, sys
+from pathlib import Path
+import prolora_serve.adapters.registry as reg
+
+root, stage, shapes = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+registry = reg.AdapterRegistry(root, {k: tuple(v) for k, v in shapes.items()})
+data = sys.stdin.buffer.read()
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if stage == "mid-staging":  # half of the upload written into .staging
+    def half_copy(source, target, budget):
+        with open(target, "wb") as out:
+            out.write(source.read(len(data) // 2))
+            out.flush()
+        die()
+    reg._copy_limited = half_copy
+elif stage == "weights-moved":  # <id>.safetensors in place, no record yet
+    reg._write_json_atomic = die
+elif stage == "record-written":  # committed, the index not updated
+    registry._index.apply = die
+elif stage == "delete-marked":  # the marker written, no file removed yet
+    original = registry._mark_pending
+    registry._mark_pending = lambda adapter_id: (original(adapter_id), die())
+elif stage == "delete-uncommitted":  # the record removed, the weights not yet
+    registry._weights_path = die
+if stage.startswith("delete"):
+    registry.delete("keep")
+else:
+    registry.register_upload("new", file=io.BytesIO(data))
+print("not killed")
+"""
+
+KILL_STAGES = {  # stage -> (listed after reopening, files on disk)
+    "mid-staging": (["keep"], ["keep.json", "keep.safetensors"]),
+    "weights-moved": (["keep"], ["keep.json", "keep.safetensors"]),
+    "record-written": (["keep", "new"], ["keep.json", "keep.safetensors", "new.json",
+                                         "new.safetensors"]),
+    "delete-marked": (["keep"], ["keep.json", "keep.safetensors"]),
+    "delete-uncommitted": ([], []),
+}
+
+
+@pytest.mark.parametrize("stage", list(KILL_STAGES))
+def test_kill_9_during_an_upload_or_delete_leaves_only_committed_adapters(tmp_path: Path,
+                                                                          stage: str) -> None:
+    registry_with(tmp_path, ["keep"]).close()
+    upload = adapter_bytes(seed=11)
+    child = subprocess.run([sys.executable, "-c", KILL_CHILD, str(tmp_path), stage,
+                            json.dumps(SHAPES)], input=upload, capture_output=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
+    if stage == "weights-moved":  # the scenario is real: uncommitted weights are on disk
+        assert (tmp_path / "new.safetensors").is_file() and not (tmp_path / "new.json").exists()
+    if stage.startswith("delete") or stage == "weights-moved":
+        assert list((tmp_path / ".pending").iterdir())  # the marker the next open settles
+    reopened = AdapterRegistry(tmp_path, SHAPES)
+    expected_ids, expected_files = KILL_STAGES[stage]
+    assert listed(reopened) == expected_ids and len(reopened) == len(expected_ids)
+    assert stored_files(tmp_path) == expected_files
+    assert list((tmp_path / ".pending").iterdir()) == [] and list((tmp_path / ".staging").iterdir()) == []
+    for adapter_id in expected_ids:
+        reopened.load_adapter(adapter_id)  # complete, valid weights
+    if "new" in expected_ids:
+        assert_same_weights(reopened.load_adapter("new"), random_adapter(PROLORA, SHAPES, seed=11))
+
+
+UPLOAD_LOOP_CHILD = r"""
+import io, json, sys
+from pathlib import Path
+from prolora_serve.adapters.registry import AdapterRegistry
+
+root, shapes = Path(sys.argv[1]), json.loads(sys.argv[2])
+registry = AdapterRegistry(root, {k: tuple(v) for k, v in shapes.items()})
+data = sys.stdin.buffer.read()
+for i in range(10_000):
+    registry.register_upload(f"loop-{i:05d}", file=io.BytesIO(data))
+    print(f"loop-{i:05d}", flush=True)
+"""
+
+
+def test_kill_9_at_an_arbitrary_moment_of_back_to_back_uploads(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", UPLOAD_LOOP_CHILD, str(tmp_path),
+                              json.dumps(SHAPES)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    child.stdin.write(adapter_bytes(seed=2))
+    child.stdin.close()
+    acknowledged = [child.stdout.readline().decode().strip() for _ in range(4)]
+    child.kill()  # SIGKILL while it is writing the next ones
+    child.wait(timeout=60)
+    acknowledged += [line.strip() for line in child.stdout.read().decode().splitlines()]
+    reopened = AdapterRegistry(tmp_path, SHAPES)
+    ids = listed(reopened)
+    in_flight = f"loop-{len(acknowledged):05d}"  # the one upload that may or may not have committed
+    assert ids in (acknowledged, acknowledged + [in_flight])
+    assert stored_files(tmp_path) == sorted(f"{i}{s}" for i in ids for s in (".json", ".safetensors"))
+    for adapter_id in ids:
+        reopened.load_adapter(adapter_id)
+
+
+def test_pages_walk_every_adapter_in_id_order(tmp_path: Path) -> None:
+    registry = registry_with(tmp_path, ["d", "b", "e", "a", "c"])
+    assert listed(registry) == ["a", "b", "c", "d", "e"]
+    walked, after, pages = [], None, 0
+    while True:
+        page = registry.page(limit=1, after=after)
+        walked += [r.adapter_id for r in page.records]
+        pages += 1
+        if not page.has_more:
+            break
+        after = page.records[-1].adapter_id
+    assert walked == ["a", "b", "c", "d", "e"] and pages == 5
+    assert [r.adapter_id for r in registry.page(2).records] == ["a", "b"] and registry.page(2).has_more
+    assert [r.adapter_id for r in registry.page(2, after="c").records] == ["d", "e"]
+    assert registry.page(2, after="c").has_more is False
+    last = registry.page(5, after="e")
+    assert (last.records, last.has_more) == ([], False)
+    # ``after`` is a position: an unregistered id starts the page where it would be.
+    assert [r.adapter_id for r in registry.page(10, after="bb").records] == ["c", "d", "e"]
+    assert [r.adapter_id for r in registry.page(10, after="0").records] == ["a", "b", "c", "d", "e"]
+    assert [r.adapter_id for r in registry.list(limit=2, after="a")] == ["b", "c"]
+    assert [r.adapter_id for r in registry.iter_records(batch=2)] == ["a", "b", "c", "d", "e"]
+    for bad_limit in (0, -1, True, 1.5, None):
+        with pytest.raises(ValueError):
+            registry.page(bad_limit)
+    for bad_after in ("../x", "", "a b", ".."):
+        with pytest.raises(InvalidAdapterIdError):
+            registry.page(3, after=bad_after)
+    assert None not in registry and 3 not in registry and not registry.has_adapter(None)

@@ -163,3 +163,64 @@ def test_admin_key_guards_uploads_and_deletes(server) -> None:
     assert httpx.delete(url, headers=auth(API_KEY)).status_code == 401
     assert httpx.get(url, headers=auth(API_KEY)).status_code == 200
     assert httpx.delete(url, headers=auth(ADMIN_KEY)).status_code == 200
+
+
+# ---- listing: OpenAI-style cursor pages ------------------------------------------------------
+def list_page(server, **params) -> httpx.Response:
+    return httpx.get(f"{server.url}/adapters", params=params, headers=auth(API_KEY))
+
+
+def test_adapter_list_is_paged_like_openai_lists(server) -> None:
+    from openai import BaseModel as OpenAIModel
+    from openai.pagination import SyncCursorPage
+
+    from prolora_serve.server.api import listing
+
+    for i in (3, 0, 4, 1, 2):
+        assert post_file(server, f"page-{i}", good_bytes(server, seed=20 + i)).status_code == 201
+    try:
+        everything = list_page(server).json()
+        ids = [a["id"] for a in everything["data"]]
+        assert ids == sorted(ids) and {f"page-{i}" for i in range(5)} <= set(ids)
+        assert (everything["object"], everything["has_more"]) == ("list", False)
+        assert (everything["first_id"], everything["last_id"]) == (ids[0], ids[-1])
+        shown = everything["data"][ids.index("page-0")]
+        assert shown["object"] == "adapter" and shown["num_params"] > 0 and "resident" in shown
+
+        walked, after = [], None
+        while True:  # limit 1: one adapter a page, has_more until the last
+            page = list_page(server, limit=1, **({"after": after} if after else {})).json()
+            assert len(page["data"]) == 1 and page["first_id"] == page["last_id"] == page["data"][0]["id"]
+            walked.append(page["last_id"])
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+        assert walked == ids
+
+        past_the_end = list_page(server, after=ids[-1]).json()
+        assert (past_the_end["data"], past_the_end["has_more"]) == ([], False)
+        assert (past_the_end["first_id"], past_the_end["last_id"]) == (None, None)
+        # An unregistered id is a position, not an error (a cursor deleted while paging).
+        resumed = list_page(server, after="page-2x", limit=2).json()
+        assert [a["id"] for a in resumed["data"]] == ["page-3", "page-4"]
+        assert resumed["has_more"] == (ids.index("page-4") < len(ids) - 1)
+
+        for params, param in (({"limit": 0}, "limit"), ({"limit": listing.MAX_LIMIT + 1}, "limit"),
+                              ({"limit": "many"}, "limit"), ({"after": "../x"}, "after"),
+                              ({"after": "a b"}, "after"), ({"after": ".."}, "after")):
+            response = list_page(server, **params)
+            assert response.status_code == 400, params
+            error = response.json()["error"]
+            assert (error["type"], error["param"]) == ("invalid_request_error", param)
+        assert len(list_page(server, limit=listing.MAX_LIMIT).json()["data"]) == len(ids)
+
+        class Item(OpenAIModel):
+            id: str
+
+        client = openai.OpenAI(base_url=server.url, api_key=API_KEY, max_retries=0)
+        pages = client.get_api_list("/adapters", model=Item, page=SyncCursorPage[Item],
+                                    options={"params": {"limit": 2}})
+        assert [item.id for item in pages] == ids  # the official client follows the cursor
+    finally:
+        for i in range(5):
+            httpx.delete(f"{server.url}/adapters/page-{i}", headers=auth(ADMIN_KEY))

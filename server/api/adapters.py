@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 
 from prolora_serve.server.engine.client import EngineClient
 from prolora_serve.server.engine.residency import ResidentAdapterInfo
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
+from . import listing
 from .auth import require_admin_key, require_api_key
 from .errors import APIError
-from .schemas import AdapterDeleted, AdapterInfo, AdapterList
+from .listing import AdapterPage
+from .schemas import AdapterDeleted, AdapterInfo
 
 router = APIRouter(tags=["adapters"])
 UPLOAD_FIELDS = ("file", "config", "weights")
@@ -130,11 +132,19 @@ async def upload_adapter(request: Request) -> AdapterInfo:
     return adapter_info(record, await _residency(request.app.state.engine))
 
 
-@router.get("/adapters", response_model=AdapterList, dependencies=[Depends(require_api_key)],
-            summary="List registered adapters")
-async def list_adapters(request: Request) -> AdapterList:
+@router.get("/adapters", response_model=AdapterPage, dependencies=[Depends(require_api_key)],
+            summary="List registered adapters, one page at a time (id order)")
+async def list_adapters(
+        request: Request,
+        limit: int = Query(listing.DEFAULT_LIMIT, ge=1, le=listing.MAX_LIMIT,
+                           description=f"adapters per page, 1 to {listing.MAX_LIMIT}"),
+        after: str | None = Query(None, pattern=listing.AFTER_PATTERN,
+                                  description="an adapter id: list those after it")) -> AdapterPage:
+    page = await run_in_threadpool(request.app.state.registry.page, limit, after)
     resident = await _residency(request.app.state.engine)
-    return AdapterList(data=[adapter_info(r, resident) for r in request.app.state.registry.list()])
+    data = [adapter_info(r, resident) for r in page.records]
+    return AdapterPage(data=data, has_more=page.has_more, first_id=data[0].id if data else None,
+                       last_id=data[-1].id if data else None)
 
 
 @router.get("/adapters/{adapter_id}", response_model=AdapterInfo,

@@ -74,11 +74,18 @@ def _adapter_json(adapter_id: str, config: Any, num_params: int, nbytes: int) ->
             "num_params": int(num_params), "nbytes": int(nbytes)}
 
 
-def _registered(registry: Any) -> list[dict[str, Any]]:
+COLD_LIMIT = 200  # cold adapters sent (the page shows 200 rows); num_cold counts them all
+
+
+def _cold(registry: Any, resident_ids: set[str]) -> tuple[list[dict[str, Any]], int | None]:
+    """The first ``COLD_LIMIT`` registered, not resident adapters (id order) and how many
+    there are: a store of 10,000 adapters is one query of a page, not 10,000 entries."""
     if registry is None:
-        return []
-    return [_adapter_json(rec.adapter_id, rec.config, rec.num_params, rec.nbytes)
-            for rec in registry.list()]
+        return [], None
+    records = registry.list(limit=COLD_LIMIT + len(resident_ids))
+    cold = [_adapter_json(rec.adapter_id, rec.config, rec.num_params, rec.nbytes)
+            for rec in records if rec.adapter_id not in resident_ids][:COLD_LIMIT]
+    return cold, len(registry) - sum(1 for adapter_id in resident_ids if adapter_id in registry)
 
 
 def _resident(resident: list[ResidentAdapterInfo]) -> list[dict[str, Any]]:
@@ -125,15 +132,16 @@ def _no_engine_json() -> dict[str, Any]:
 
 def dashboard_state(model: ModelInfo | None, snapshot: EngineSnapshot | None,
                     registry: Any) -> dict[str, Any]:
-    """What is resident now, what is registered but cold, and the engine's counters."""
+    """What is resident now, what is registered but cold (the first ``COLD_LIMIT``, and
+    ``num_cold`` in all), and the engine's counters."""
     resident = _resident(snapshot.resident) if snapshot is not None else []
     resident_ids = {entry["id"] for entry in resident}
-    registered = _registered(registry)
+    cold, num_cold = _cold(registry, resident_ids)
     running = model is not None and snapshot is not None
     state = _engine_json(model, snapshot) if running else _no_engine_json()
     return {**state, "time": time.time(), "engine_running": running,
-            "num_registered": len(registered) if registry is not None else None,
-            "resident": resident, "cold": [e for e in registered if e["id"] not in resident_ids]}
+            "num_registered": len(registry) if registry is not None else None,
+            "resident": resident, "cold": cold, "num_cold": num_cold}
 
 
 @router.get("/v1/dashboard/state", summary="Live memory and adapter-cache state for the dashboard")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from prolora_serve.adapters.registry import AdapterNotFoundError
 from prolora_serve.server.engine.client import EngineClient
 
 from .auth import require_api_key
@@ -16,25 +18,33 @@ from .schemas import Health, KernelBackendNames, ModelCard, ModelList
 router = APIRouter(tags=["openai"])
 
 
-def _cards(request: Request) -> list[ModelCard]:
+def _base_card(request: Request) -> ModelCard:
     state = request.app.state
-    base = state.model_name
-    cards = [ModelCard(id=base, created=int(state.started_at), root=base)]
-    cards += [ModelCard(id=r.adapter_id, created=int(r.created), root=base, parent=base)
-              for r in state.registry.list()]
-    return cards
+    return ModelCard(id=state.model_name, created=int(state.started_at), root=state.model_name)
+
+
+def _adapter_card(record: Any, base: str) -> ModelCard:
+    return ModelCard(id=record.adapter_id, created=int(record.created), root=base, parent=base)
 
 
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_api_key)])
 def list_models(request: Request) -> ModelList:
-    return ModelList(data=_cards(request))
+    # OpenAI's model list has no pagination: every adapter, read from the index in batches.
+    base = request.app.state.model_name
+    return ModelList(data=[_base_card(request)] + [
+        _adapter_card(r, base) for r in request.app.state.registry.iter_records()])
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, dependencies=[Depends(require_api_key)])
 def get_model(model_id: str, request: Request) -> ModelCard:
-    for card in _cards(request):
-        if card.id == model_id:
-            return card
+    state = request.app.state
+    if model_id == state.model_name:
+        return _base_card(request)
+    if model_id in state.registry:  # one index lookup, not a scan of every adapter
+        try:
+            return _adapter_card(state.registry.get(model_id), state.model_name)
+        except AdapterNotFoundError:  # deleted in between
+            pass
     raise APIError(404, f"model {model_id!r} does not exist", param="model", code="model_not_found")
 
 

@@ -409,14 +409,15 @@
     if (cache) $("cache-bar-fill").style.width = `${cache.budget_bytes ? (100 * cache.used_bytes / cache.budget_bytes).toFixed(1) : 0}%`;
   }
 
-  function adapterRows(body, entries, columns, emptyText, limit = 200) {
+  function adapterRows(body, entries, columns, emptyText, limit = 200, total = entries.length) {
     if (!entries.length) {
       body.replaceChildren(el("tr", {}, el("td", {class: "empty", colspan: columns.length + 2}, emptyText)));
       return;
     }
     const rows = entries.slice(0, limit).map((a) => el("tr", {"data-adapter-id": a.id},
       el("td", {}, a.id), el("td", {}, a.label), ...columns.map((col) => col(a))));
-    if (entries.length > limit) rows.push(el("tr", {}, el("td", {class: "empty", colspan: columns.length + 2}, `+${entries.length - limit} more`)));
+    const shown = Math.min(entries.length, limit);
+    if (total > shown) rows.push(el("tr", {}, el("td", {class: "empty", colspan: columns.length + 2}, `+${total - shown} more`)));
     body.replaceChildren(...rows);
   }
 
@@ -426,13 +427,14 @@
     pill.textContent = state.engine_running ? `serving ${state.model}` : "no engine attached";
     renderStats(state);
     $("resident-count").textContent = state.resident.length;
-    $("cold-count").textContent = state.cold.length;
+    $("cold-count").textContent = state.num_cold ?? state.cold.length;
     adapterRows($("resident").tBodies[0], state.resident, [
       (a) => el("td", {class: "num", "data-value": a.nbytes}, fmtBytes(a.nbytes)),
       (a) => el("td", {class: "num"}, fmtAgo(state.time - a.last_used)),
       (a) => el("td", {class: "num"}, String(a.in_use))], state.engine_running ? "none resident yet" : "no engine attached");
     adapterRows($("cold").tBodies[0], state.cold, [
-      (a) => el("td", {class: "num", "data-value": a.nbytes}, fmtBytes(a.nbytes))], "none");
+      (a) => el("td", {class: "num", "data-value": a.nbytes}, fmtBytes(a.nbytes))], "none", 200,
+      state.num_cold ?? state.cold.length);
     $("live-updated").textContent = "updated " + new Date(state.time * 1000).toLocaleTimeString();
   }
 
