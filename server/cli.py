@@ -142,6 +142,8 @@ BENCHMARKS = {
     "demo-quality": ("prolora_serve.server.training.evaluate_demo", "demo adapters against the base model"),
     "param-efficiency": ("prolora_serve.server.training.param_efficiency",
                          "PRoLoRA vs LoRA at equal parameters (trains)"),
+    "registry": ("prolora_serve.server.bench_registry",
+                 "adapter registry: open time, RSS and queries with 10 to 10,000 adapters"),
 }
 
 
