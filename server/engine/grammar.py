@@ -120,9 +120,11 @@ class Grammars:
         bitmask = self._xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
         for i in rows:
             matchers[i].fill_next_token_bitmask(bitmask, i)
+        every_row = len(rows) == len(matchers)  # xgrammar's apply is faster without indices
         self._xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1],
-                                              indices=rows)
-        return [i for i in rows if not torch.isfinite(logits[i]).any()]
+                                              indices=None if every_row else rows)
+        blocked = (bitmask[rows] == 0).all(dim=1).tolist()  # on the packed mask: no row scan
+        return [row for row, none_left in zip(rows, blocked) if none_left]
 
 
 def reference_mask(logits: torch.Tensor, allowed: Seq[Collection[int] | None]) -> torch.Tensor:
