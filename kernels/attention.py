@@ -6,7 +6,8 @@ share a key/value head are laid out as G query rows of that head (head ``h`` use
 
 Decode rows go through one ``DecodeAttention`` chosen once per (device, cache dtype) by
 ``get_decode_attention``: the fused C++ kernel on the CPU (``cpu``: reads the paged cache in
-place), else torch SDPA over a gathered copy (``sdpa``). ``reference.reference_attention`` is the
+place), the Triton kernel on CUDA (``triton``, ``triton_attention.py``: reads the paged cache in
+place through the block tables), else torch SDPA over a gathered copy (``sdpa``). ``reference.reference_attention`` is the
 float64 check beside them.
 
 Semantics (decode, one new token per sequence s, q: (S, Hq, D), caches (blocks, bs, Hkv, D)):
@@ -28,7 +29,7 @@ from .cpu_extension import ELEMENT_TYPE_CODES, load_extension
 from .metadata import AttentionMetadata
 
 log = logging.getLogger(__name__)
-DECODE_ATTENTION_NAMES = ("cpu", "sdpa")
+DECODE_ATTENTION_NAMES = ("cpu", "triton", "sdpa")
 
 # (q (Sd, Hq, D), key_cache, value_cache, meta, scale) -> (Sd, Hq, D): decode rows' attention.
 DecodeFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float],
@@ -77,8 +78,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache
 @lru_cache(maxsize=None)
 def get_decode_attention(device_type: str, dtype: torch.dtype) -> DecodeAttention:
     """Chosen once per (device, cache dtype): the fused kernel for CPU caches of
-    float32/bfloat16/float16, SDPA otherwise (or where the kernel cannot be built: both compute
-    the same attention; the fallback is logged and shown by name)."""
+    float32/bfloat16/float16, the Triton kernel for CUDA caches of those dtypes, SDPA otherwise
+    (or where a kernel cannot be built or triton is not installed: all compute the same
+    attention; the fallback is logged and shown by name)."""
+    if device_type == "cuda" and dtype in ELEMENT_TYPE_CODES:
+        try:
+            from .triton_attention import triton_decode_attention
+        except ImportError as err:  # no triton
+            log.warning("Triton decode attention unavailable (%s); using torch SDPA", err)
+            return SDPA_DECODE
+        return DecodeAttention("triton", triton_decode_attention)
     if device_type != "cpu" or dtype not in ELEMENT_TYPE_CODES:
         return SDPA_DECODE
     try:

@@ -16,6 +16,11 @@ from hypothesis import settings
 # Library code never sets this; servers and benchmarks choose their own.
 torch.set_num_threads(1)
 
+# Triton kernels (tests marked `triton`) run compiled on a GPU where there is one, else in
+# Triton's interpreter on CPU tensors; the variable must be set before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 # Hypothesis: the same examples on every run by default (CI must not pass or fail by luck);
 # HYPOTHESIS_PROFILE=explore draws new ones, to hunt for bugs locally.
