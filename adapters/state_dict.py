@@ -96,8 +96,7 @@ def adapter_from_state_dict(config: ProLoRAConfig, tensors: Mapping[str, torch.T
     records) and build the adapter."""
     if not tensors:
         raise AdapterFormatError("adapter is empty: the file holds no tensors")
-    for key in sorted(tensors):  # sorted: the first error reported does not depend on file order
-        check_tensor(key, tensors[key])
+    check_tensors(tensors)
     grouped = _group_by_module(config, tensors)
     _check_targets(config, grouped, linear_shapes)
     if recorded_dims is not None:
@@ -110,12 +109,31 @@ def adapter_from_state_dict(config: ProLoRAConfig, tensors: Mapping[str, torch.T
     return CompactAdapter(config, modules)
 
 
-def check_tensor(key: str, tensor: torch.Tensor) -> None:
+def check_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
+    """``check_tensor`` on every tensor, reporting the first bad one in key order (so the error
+    does not depend on file order); finiteness is checked in one pass per dtype, and tensor by
+    tensor only to name the culprit."""
+    for key in sorted(tensors):
+        _check_layout(key, tensors[key])
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors.values():
+        by_dtype.setdefault(tensor.dtype, []).append(tensor.reshape(-1))
+    if all(bool(torch.isfinite(torch.cat(flat)).all()) for flat in by_dtype.values()):
+        return
+    for key in sorted(tensors):
+        check_tensor(key, tensors[key])
+
+
+def _check_layout(key: str, tensor: torch.Tensor) -> None:
     if tensor.dim() != 2:
         raise AdapterFormatError(f"tensor {key!r} must be 2-D, got shape {tuple(tensor.shape)}")
     if tensor.dtype not in FLOAT_DTYPES:
         raise AdapterFormatError(f"tensor {key!r} has dtype {tensor.dtype}; expected one of "
                                  "float16, bfloat16, float32, float64")
+
+
+def check_tensor(key: str, tensor: torch.Tensor) -> None:
+    _check_layout(key, tensor)
     if not bool(torch.isfinite(tensor).all()):
         raise AdapterFormatError(f"tensor {key!r} contains NaN or Inf values")
 

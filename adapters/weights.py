@@ -84,11 +84,12 @@ class CompactAdapter:
         (equal digests, equal deltas), independent of its id."""
         hasher = hashlib.blake2b(digest_size=16)
         hasher.update(json.dumps(self.config.to_json_dict(), sort_keys=True).encode())
+        flat = []
         for path, weights in sorted(self.modules.items()):
-            hasher.update(path.encode())
-            for tensor in weights.tensors():
-                hasher.update(str(tensor.dtype).encode())
-                hasher.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            hasher.update(f"{path}:{weights.spec}".encode())
+            flat += [t.detach().reshape(-1).view(torch.uint8) for t in weights.tensors() if t.numel()]
+        if flat:  # one contiguous buffer: one hash update instead of one per tensor
+            hasher.update(torch.cat(flat).cpu().numpy().tobytes())
         return hasher.digest()
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:

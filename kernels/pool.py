@@ -51,9 +51,27 @@ class AdapterWeightPool:
 
     def load(self, slot: int, adapter: CompactAdapter) -> None:
         """Copy an adapter's compact weights to the device into ``slot`` (which must be free)."""
+        self.install(slot, self.layout(adapter))
+
+    def layout(self, adapter: CompactAdapter) -> CompactAdapter:
+        """The adapter in this pool's resident layout and dtype, in host memory (so a loader
+        thread can prepare it; on the CPU this is the resident copy itself)."""
+        return kernel_layout(adapter, torch.device("cpu"), self.dtype)
+
+    def host_layout(self, slot: int) -> CompactAdapter:
+        """``slot``'s weights in host memory, in the resident layout (on the CPU: the resident
+        copy itself, nothing is copied), for a host tier to keep."""
+        with self._lock:
+            resident = self._adapters[slot]
+        return resident if self.device.type == "cpu" else self.layout(resident)
+
+    def install(self, slot: int, laid_out: CompactAdapter) -> None:
+        """Put a ``layout``-ed adapter in ``slot``: no copy on the CPU, one layout pass onto
+        another device."""
         if slot < 0:
             raise ValueError(f"slot must be >= 0, got {slot}")
-        resident = kernel_layout(adapter, self.device, self.dtype)
+        resident = (laid_out if self.device.type == "cpu"
+                    else kernel_layout(laid_out, self.device, self.dtype))
         with self._lock:
             if slot in self._adapters:
                 raise ValueError(f"slot {slot} is already occupied")

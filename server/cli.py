@@ -139,6 +139,7 @@ BENCHMARKS = {
     "model": ("prolora_serve.server.engine.bench_model", "base model decode steps per weight format"),
     "grammar": ("prolora_serve.server.engine.bench_grammar", "decode step cost of one JSON schema per row"),
     "prefix": ("prolora_serve.server.engine.bench_prefix", "TTFT of chats sharing a system prompt, prefix cache on/off"),
+    "cold-load": ("prolora_serve.server.engine.bench_cold_load", "TTFT added by a first request on a non-resident adapter"),
     "demo-quality": ("prolora_serve.server.training.evaluate_demo", "demo adapters against the base model"),
     "param-efficiency": ("prolora_serve.server.training.param_efficiency",
                          "PRoLoRA vs LoRA at equal parameters (trains)"),

@@ -101,6 +101,10 @@ def boolean(value: Any) -> str | None:
     return None if isinstance(value, bool) else "must be true or false"
 
 
+def non_negative(value: Any) -> str | None:
+    return None if _is_int(value) and value >= 0 else "must be an integer >= 0"
+
+
 def port_number(value: Any) -> str | None:
     return None if _is_int(value) and 0 <= value <= 65535 else "must be an integer in 0..65535"
 
@@ -300,6 +304,10 @@ class EngineConfig:
              "tokens per --kv-cache-memory and halve decode attention's memory traffic)")
     adapter_memory: int = option(256 * MIB, parse=parse_size, check=positive,
                                  help="device memory for resident adapters")
+    adapter_host_memory: int = option(
+        1024 * MIB, parse=parse_size, check=non_negative,
+        help="host memory for adapters read from disk or evicted from the device, kept ready to "
+             "install (LRU; 0 turns the host tier off)")
     adapter_dtype: str = option(
         "auto", choices=ADAPTER_DTYPES,
         help="resident adapter weights (auto: fp16 next to an nf4/int8 base on the CPU, else the "

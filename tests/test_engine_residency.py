@@ -198,3 +198,40 @@ def test_reads_waiting_for_room_are_staged_within_the_budget() -> None:
     assert acquire_now(cache, "ad5") is not None and source.reads == reads  # still staged
     assert acquire_now(cache, "ad0") is not None and source.reads == reads + 1  # read again
     assert cache.used_bytes == 2 * one
+
+
+def test_an_evicted_adapter_comes_back_from_the_host_tier_without_a_disk_read() -> None:
+    source = FakeSource({a: make_adapter(i) for i, a in enumerate("abc")})
+    one = adapter_bytes(source.adapters["a"])
+    pool = AdapterWeightPool("cpu", torch.float32)
+    cache = AdapterCache(pool, one, source, host_budget_bytes=2 * one)  # one on the device, two kept
+    for adapter_id in "ab":
+        cache.release(acquire_now(cache, adapter_id))  # b evicts a: a stays on the host
+    assert source.reads == 2 and resident_ids(cache) == {"b"} and cache.stats().staged_bytes == one
+    slot = cache.acquire("a")  # no read, no wait: installed at once from the host tier
+    assert slot is not None and source.reads == 2 and cache.stats().host_hits == 1
+    got = pool.module("model.layers.0.self_attn.q_proj")[slot]
+    assert torch.equal(got.A0, source.adapters["a"].modules["model.layers.0.self_attn.q_proj"].A0)
+    cache.release(slot)
+    cache.forget("b")  # deleted: its host copy goes too, a re-upload is read afresh
+    source.adapters["b"] = make_adapter(7)
+    cache.collect()
+    cache.release(acquire_now(cache, "b"))
+    assert source.reads == 3
+    assert torch.equal(pool.module("model.layers.0.self_attn.q_proj")[cache.acquire("b")].A0,
+                       make_adapter(7).modules["model.layers.0.self_attn.q_proj"].A0)
+
+
+def test_a_zero_host_budget_reads_evicted_adapters_again() -> None:
+    source = FakeSource({a: make_adapter(i) for i, a in enumerate("ab")})
+    one = adapter_bytes(source.adapters["a"])
+    cache = AdapterCache(AdapterWeightPool("cpu", torch.float32), one, source, host_budget_bytes=0)
+    for adapter_id in "aba":
+        cache.release(acquire_now(cache, adapter_id))
+    assert source.reads == 3 and cache.stats().host_hits == 0
+
+
+def test_prepared_identity_is_the_weights_digest_not_the_id() -> None:
+    same, other = make_adapter(1), make_adapter(2)
+    assert same.digest() == make_adapter(1).digest() != other.digest()
+    assert same.digest() != same.to(dtype=torch.float16).digest()  # other stored bytes

@@ -79,7 +79,7 @@ def test_bench_is_one_command_group_forwarding_each_benchmarks_options(capsys) -
     from prolora_serve.server import cli
 
     own_option = {"kernels": "--pool-dtype", "engine": "--rss-counts", "model": "--batches",
-                  "grammar": "--rows", "prefix": "--system-tokens", "demo-quality": "--threads", "param-efficiency": "--threads",
+                  "grammar": "--rows", "prefix": "--system-tokens", "cold-load": "--under-load", "demo-quality": "--threads", "param-efficiency": "--threads",
                   "registry": "--counts"}
     assert set(cli.BENCHMARKS) == set(own_option)
     for name, option in own_option.items():

@@ -139,7 +139,7 @@ def _bad_texts(opt: settings.Option) -> list[str]:
     if opt.choices is not None:
         return ["not-a-choice"]
     if opt.parse is settings.parse_size:
-        return ["lots", "0"]
+        return ["lots", "0"] if opt.check is settings.positive else ["lots", "-1"]
     if opt.parse is int:
         return ["x", "0" if opt.check is settings.positive else "70000"]
     if opt.parse is settings.parse_bool:

@@ -136,7 +136,8 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, config.adapter_backend,
                                   adapter_dtype, kv_dtype)
         self.adapter_source = adapter_source
-        self.adapter_cache = (AdapterCache(self.runner.pool, config.adapter_memory, adapter_source)
+        self.adapter_cache = (AdapterCache(self.runner.pool, config.adapter_memory, adapter_source,
+                                           host_budget_bytes=config.adapter_host_memory)
                               if adapter_source is not None else None)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_batch, config.max_batched_tokens, config.block_size),

@@ -77,8 +77,20 @@ class AdapterCacheStats:
     misses: int
     loads: int
     evictions: int
-    staged_bytes: int = 0  # read from disk, waiting on the CPU for room
+    staged_bytes: int = 0  # the host tier: read from disk or evicted, ready to install
+    host_hits: int = 0  # installs served from the host tier (no disk read)
     load_times: dict[str, LoadTimes] = field(default_factory=dict)  # by adapter id
+
+
+@dataclass(eq=False)
+class _Prepared:
+    """An adapter ready to install: validated, in the pool's layout and dtype (host memory),
+    with its identity; what the host tier keeps."""
+
+    adapter: CompactAdapter
+    identity: bytes
+    nbytes: int
+    kept: bool = False  # kept on the host after an eviction (not a fresh read)
 
 
 @dataclass(eq=False)
@@ -96,18 +108,24 @@ class _Resident:
 
 class AdapterCache:
     def __init__(self, pool: AdapterWeightPool, budget_bytes: int, source: AdapterSource,
-                 on_loaded: Callable[[], None] | None = None) -> None:
+                 on_loaded: Callable[[], None] | None = None,
+                 host_budget_bytes: int | None = None) -> None:
+        """``host_budget_bytes``: the host tier, adapters read or evicted kept ready on the host
+        (default: as much as the device budget)."""
         if budget_bytes < 0:
             raise ValueError(f"adapter budget must be >= 0 bytes, got {budget_bytes}")
         self.pool = pool
         self.budget_bytes = int(budget_bytes)
+        self.host_budget_bytes = int(budget_bytes if host_budget_bytes is None else host_budget_bytes)
         self.source = source
         self.on_loaded = on_loaded  # called on the loader thread when a read ends (wakes the engine)
         self.hits = self.misses = self.loads = self.evictions = 0
         self._lru: OrderedDict[str, _Resident] = OrderedDict()  # live entries, least recent first
         self._by_slot: dict[int, _Resident] = {}  # live and retired entries
-        self._loading: dict[str, Future[CompactAdapter]] = {}
-        self._staged: OrderedDict[str, CompactAdapter] = OrderedDict()  # read, waiting for room
+        self._loading: dict[str, Future[_Prepared]] = {}
+        # the host tier: read from disk or evicted from the device, ready to install (LRU)
+        self._staged: OrderedDict[str, _Prepared] = OrderedDict()
+        self.host_hits = 0  # installs served from the host tier instead of the disk
         self._read_seconds: dict[str, float] = {}  # the last read of each adapter not yet installed
         self._load_times: dict[str, LoadTimes] = {}
         self._lock = threading.RLock()
@@ -125,7 +143,7 @@ class AdapterCache:
             return sum(e.nbytes for e in self._by_slot.values())
 
     # --- loading (background) -----------------------------------------------------------
-    def _start_load(self, adapter_id: str) -> Future[CompactAdapter]:
+    def _start_load(self, adapter_id: str) -> Future[_Prepared]:
         future = self._loading.get(adapter_id)
         if future is None:
             future = self._executor.submit(self._read, adapter_id)
@@ -133,7 +151,7 @@ class AdapterCache:
             future.add_done_callback(lambda done: self._loaded(adapter_id, done))
         return future
 
-    def _loaded(self, adapter_id: str, future: Future[CompactAdapter]) -> None:
+    def _loaded(self, adapter_id: str, future: Future[_Prepared]) -> None:
         """On the loader thread: move read weights to the bounded staging area (failed reads
         stay as futures, so the next ``acquire`` raises their error), then wake the engine."""
         with self._lock:
@@ -144,13 +162,16 @@ class AdapterCache:
         if self.on_loaded is not None:
             self.on_loaded()
 
-    def _read(self, adapter_id: str) -> CompactAdapter:
+    def _read(self, adapter_id: str) -> _Prepared:
+        """On the loader thread: read, check, lay out for the pool and hash the adapter, so the
+        step thread only installs it."""
         started = time.perf_counter()
         adapter = self.source.load_adapter(adapter_id)
         self.pool.check_representable(adapter)
+        prepared = _Prepared(self.pool.layout(adapter), adapter.digest(), self.resident_nbytes(adapter))
         with self._lock:
             self._read_seconds[adapter_id] = time.perf_counter() - started
-        return adapter
+        return prepared
 
     def prepare(self, adapter_id: str) -> Future[int]:
         """Start reading the adapter in the background; the future gives its resident bytes
@@ -169,24 +190,25 @@ class AdapterCache:
             load.add_done_callback(lambda f: self._settle(result, adapter_id, None, f))
         return result
 
-    def _settle(self, result: Future[int], adapter_id: str, adapter: CompactAdapter | None,
-                load: Future[CompactAdapter] | None) -> None:
+    def _settle(self, result: Future[int], adapter_id: str, prepared: _Prepared | None,
+                load: Future[_Prepared] | None) -> None:
         try:
-            adapter = adapter if load is None else load.result()
-            result.set_result(self._check_fits(adapter_id, adapter))
+            prepared = prepared if load is None else load.result()
+            result.set_result(self._check_fits(adapter_id, prepared))
         except BaseException as err:  # noqa: BLE001 - handed to the waiting caller
             result.set_exception(err)
 
-    def _check_fits(self, adapter_id: str, adapter: CompactAdapter) -> int:
-        nbytes = self.resident_nbytes(adapter)
+    def _check_fits(self, adapter_id: str, prepared: _Prepared) -> int:
+        nbytes = prepared.nbytes
         if nbytes > self.budget_bytes:
             raise AdapterTooLargeError(
                 f"adapter {adapter_id!r} needs {nbytes} bytes, more than the whole adapter "
                 f"cache budget of {self.budget_bytes} bytes")
         return nbytes
 
-    def _take_loaded(self, adapter_id: str) -> CompactAdapter | None:
-        """The adapter's CPU weights if read already; raises the load's error if it failed."""
+    def _take_loaded(self, adapter_id: str) -> _Prepared | None:
+        """The prepared adapter if read already (or kept on the host); raises the load's error
+        if it failed."""
         staged = self._staged.pop(adapter_id, None)
         if staged is not None:
             return staged
@@ -196,18 +218,19 @@ class AdapterCache:
         del self._loading[adapter_id]
         return future.result()
 
-    def _stage(self, adapter_id: str, adapter: CompactAdapter) -> None:
-        """Keep read weights until there is room; CPU staging is bounded by the budget too."""
-        self._staged[adapter_id] = adapter
+    def _stage(self, adapter_id: str, prepared: _Prepared) -> None:
+        """Keep a prepared adapter on the host, within the host budget (LRU: the oldest is
+        read from disk again when its turn comes)."""
+        self._staged[adapter_id] = prepared
         self._staged.move_to_end(adapter_id)
-        while len(self._staged) > 1 and self.staged_bytes > self.budget_bytes:
-            self._staged.popitem(last=False)  # the oldest is read again when its turn comes
+        while len(self._staged) > 1 and self.staged_bytes > self.host_budget_bytes:
+            self._staged.popitem(last=False)
 
     @property
     def staged_bytes(self) -> int:
-        """Adapters read from disk, held on the CPU until there is room for them."""
+        """The host tier: adapters read from disk or evicted, kept ready on the host."""
         with self._lock:
-            return sum(self.resident_nbytes(a) for a in self._staged.values())
+            return sum(p.nbytes for p in self._staged.values())
 
     # --- the step thread ----------------------------------------------------------------
     def acquire(self, adapter_id: str, first_lookup: bool = True) -> int | None:
@@ -219,26 +242,29 @@ class AdapterCache:
                 self.hits += first_lookup
                 return self._take_reference(entry)
             self.misses += first_lookup
-            adapter = self._take_loaded(adapter_id)
-            if adapter is None:
+            prepared = self._take_loaded(adapter_id)
+            if prepared is None:
                 self._start_load(adapter_id)
                 return None
-            return self._install(adapter_id, adapter)
+            slot = self._install(adapter_id, prepared)
+            self.host_hits += prepared.kept and slot is not None
+            return slot
 
-    def _install(self, adapter_id: str, adapter: CompactAdapter) -> int | None:
-        nbytes = self._check_fits(adapter_id, adapter)
+    def _install(self, adapter_id: str, prepared: _Prepared) -> int | None:
+        nbytes = self._check_fits(adapter_id, prepared)
         if not self._make_room(nbytes):
-            self._stage(adapter_id, adapter)
+            self._stage(adapter_id, prepared)
             return None
         slot = self._free_slot()
         started = time.perf_counter()
-        self.pool.load(slot, adapter)
+        self.pool.install(slot, prepared.adapter)
         copy_seconds = time.perf_counter() - started
         self.loads += 1
         self._load_times.setdefault(adapter_id, LoadTimes()).observe(
             self._read_seconds.pop(adapter_id, 0.0) + copy_seconds)
+        adapter = prepared.adapter
         entry = _Resident(adapter_id, slot, self.pool.slot_nbytes(slot), adapter.num_params,
-                          adapter.config.to_json_dict(), adapter.digest())
+                          adapter.config.to_json_dict(), prepared.identity)
         self._lru[adapter_id] = entry
         self._by_slot[slot] = entry
         return self._take_reference(entry)
@@ -271,9 +297,16 @@ class AdapterCache:
             if used + nbytes <= self.budget_bytes:
                 break
             used -= victim.nbytes
+            self._keep_on_host(victim)
             self._unload(victim)
             self.evictions += 1
         return True
+
+    def _keep_on_host(self, entry: _Resident) -> None:
+        """An evicted (not deleted) adapter stays ready on the host: no disk read next time."""
+        if self.host_budget_bytes > 0:
+            self._stage(entry.adapter_id, _Prepared(self.pool.host_layout(entry.slot),
+                                                    entry.identity, entry.nbytes, kept=True))
 
     def _unload(self, entry: _Resident) -> None:
         self.pool.unload(entry.slot)
@@ -326,8 +359,9 @@ class AdapterCache:
         with self._lock:
             return AdapterCacheStats(self.budget_bytes, self.used_bytes, len(self._by_slot),
                                      len(self._loading), self.hits, self.misses, self.loads,
-                                     self.evictions, self.staged_bytes,
-                                     {k: v.copy() for k, v in self._load_times.items()})
+                                     self.evictions, staged_bytes=self.staged_bytes,
+                                     host_hits=self.host_hits,
+                                     load_times={k: v.copy() for k, v in self._load_times.items()})
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,197 @@
+"""Cold loads: what a first request on a registered, non-resident adapter adds to its TTFT.
+
+    prolora-serve bench cold-load [--dtype nf4] [--adapters 24] [--under-load 100]
+
+The embedded default model behind ``AsyncLLMEngine`` (the server's engine client) and an
+on-disk registry of PRoLoRA adapters (r=8, u=1, m=n=7, all seven projections, fp16 files of
+~1.3 MB). Scenarios, each TTFT measured from ``generate`` to the first token of a one-token
+request (a short chat prompt):
+- ``cold``: the first request on an adapter (read from disk, checked, laid out, installed)
+  against the same request right after (``warm``); the added TTFT per adapter;
+- ``host``: a device budget of 4 adapters cycled through 8: the evicted ones come back from
+  the host tier (``--adapter-host-memory``) without a disk read;
+- ``under load``: ``--under-load`` cold requests (distinct adapters) while 16 requests on warm
+  adapters keep streaming, alternating with warm requests as the baseline; p50/p99 added.
+Also the loader's own split for one adapter: registry read + validation, layout, digest.
+Prints one JSON document, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...adapters.config import ProLoRAConfig
+from ...adapters.format import save_adapter
+from ...adapters.registry import AdapterRegistry
+from ...adapters.weights import CompactAdapter
+from .async_engine import AsyncLLMEngine
+from .bench import ALL_PROJECTIONS, ADAPTER_STD
+from .engine import EngineConfig, LLMEngine
+from .loader import LoadedModel, load_base_model
+from .sampling import SamplingParams
+
+ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0)
+STREAMING = SamplingParams(max_tokens=100_000, temperature=0, ignore_eos=True)
+
+
+def make_registry(root: Path, loaded: LoadedModel, count: int) -> AdapterRegistry:
+    registry = AdapterRegistry(root / "registry", loaded.model.linear_shapes(), 1 << 30)
+    config = ProLoRAConfig(8, 1, 7, 7, 16, ALL_PROJECTIONS)
+    for index in range(count):
+        adapter = CompactAdapter.random(config, registry.linear_shapes,
+                                        torch.Generator().manual_seed(index), std=ADAPTER_STD)
+        path = root / f"ad{index}.safetensors"
+        save_adapter(adapter.to(dtype=torch.float16), path, single_file=True)
+        registry.register_path(f"ad{index}", path)
+        path.unlink()
+    return registry
+
+
+async def ttft(engine: AsyncLLMEngine, request_id: str, prompt: str, adapter_id: str | None) -> float:
+    started = time.perf_counter()
+    async for _ in engine.generate(request_id, prompt, ONE_TOKEN, adapter_id):
+        return time.perf_counter() - started
+    raise RuntimeError("no token")
+
+
+def loader_split(registry: AdapterRegistry, engine: LLMEngine, adapter_id: str) -> dict[str, float]:
+    pool = engine.runner.pool
+    started = time.perf_counter()
+    adapter = registry.load_adapter(adapter_id)
+    read = time.perf_counter()
+    pool.check_representable(adapter)
+    laid_out = pool.layout(adapter)
+    layout = time.perf_counter()
+    adapter.digest()
+    digest = time.perf_counter()
+    pool.install(10_000, laid_out)
+    pool.unload(10_000)
+    done = time.perf_counter()
+    return {"read_validate_ms": 1e3 * (read - started), "layout_ms": 1e3 * (layout - read),
+            "digest_ms": 1e3 * (digest - layout), "install_ms": 1e3 * (done - digest)}
+
+
+async def cold_and_warm(engine: AsyncLLMEngine, prompt: str, adapters: list[str]) -> list[dict[str, float]]:
+    rows = []
+    for i, adapter_id in enumerate(adapters):
+        cold = await ttft(engine, f"cold-{i}", prompt, adapter_id)
+        warm = await ttft(engine, f"warm-{i}", prompt, adapter_id)
+        rows.append({"cold_ms": 1e3 * cold, "warm_ms": 1e3 * warm, "added_ms": 1e3 * (cold - warm)})
+    return rows
+
+
+async def under_load(engine: AsyncLLMEngine, prompt: str, warm: list[str], cold: list[str]) -> dict[str, Any]:
+    for adapter_id in warm:
+        await ttft(engine, f"load-warmup-{adapter_id}", prompt, adapter_id)
+    streams = [asyncio.create_task(_drain(engine, f"stream-{a}", prompt, a)) for a in warm]
+    await asyncio.sleep(1.0)  # the 16 streams are decoding
+    cold_ms, warm_ms = [], []
+    try:
+        for i, adapter_id in enumerate(cold):
+            cold_ms.append(1e3 * await ttft(engine, f"busy-cold-{i}", prompt, adapter_id))
+            warm_ms.append(1e3 * await ttft(engine, f"busy-warm-{i}", prompt, warm[i % len(warm)]))
+    finally:
+        for task in streams:
+            task.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+    added = sorted(c - w for c, w in zip(cold_ms, warm_ms))
+    return {"cold_ms_p50": statistics.median(cold_ms), "warm_ms_p50": statistics.median(warm_ms),
+            "added_ms_p50": statistics.median(added),
+            "added_ms_p99": added[min(len(added) - 1, int(0.99 * len(added)))], "count": len(added)}
+
+
+async def _drain(engine: AsyncLLMEngine, request_id: str, prompt: str, adapter_id: str) -> None:
+    async for _ in engine.generate(request_id, prompt, STREAMING, adapter_id):
+        pass
+
+
+def scenario_engine(loaded: LoadedModel, registry: AdapterRegistry, adapter_memory: int,
+                    host_memory: int) -> AsyncLLMEngine:
+    config = EngineConfig(dtype=loaded.dtype, max_batch=32, kv_cache_memory=128 << 20,
+                          adapter_memory=adapter_memory, adapter_host_memory=host_memory)
+    engine = AsyncLLMEngine(LLMEngine(config, loaded, registry))
+    engine.start()
+    return engine
+
+
+async def run_async(loaded: LoadedModel, registry: AdapterRegistry, count: int, busy: int) -> dict[str, Any]:
+    prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "Hi!"}], tokenize=False,
+                                                  add_generation_prompt=True)
+    ids = [f"ad{i}" for i in range(max(count, 16 + busy))]
+    one = (await asyncio.to_thread(registry.load_adapter, ids[0])).num_params * 2
+    engine = scenario_engine(loaded, registry, 256 << 20, 0)  # everything fits: nothing evicted
+    try:
+        await ttft(engine, "warmup", prompt, None)
+        split = loader_split(registry, engine.engine, ids[-1])
+        cold = await cold_and_warm(engine, prompt, ids[:8])
+    finally:
+        engine.shutdown()
+    engine = scenario_engine(loaded, registry, 4 * one, 1 << 30)  # 4 on the device, the rest on the host
+    try:
+        await ttft(engine, "warmup", prompt, None)
+        for adapter_id in ids[8:16]:  # read each once: the later ones evict the earlier ones
+            await ttft(engine, f"first-{adapter_id}", prompt, adapter_id)
+        host = await cold_and_warm(engine, prompt, ids[8:12])  # evicted: back from the host tier
+        host_hits = engine.engine.adapter_cache.stats().host_hits
+    finally:
+        engine.shutdown()
+    engine = scenario_engine(loaded, registry, 256 << 20, 0)
+    try:
+        loaded_ttft = await under_load(engine, prompt, ids[:16], ids[16:16 + busy])
+    finally:
+        engine.shutdown()
+    return {"split": split, "cold": cold, "host": host, "host_hits": host_hits, "under_load": loaded_ttft}
+
+
+def run(dtype: str, adapters: int, busy: int) -> dict[str, Any]:
+    loaded = load_base_model(None, dtype)
+    with tempfile.TemporaryDirectory() as root:
+        registry = make_registry(Path(root), loaded, max(adapters, 16 + busy))
+        report = asyncio.run(run_async(loaded, registry, adapters, busy))
+    report.update(dtype=dtype, threads=torch.get_num_threads(),
+                  cold_added_ms_median=statistics.median(r["added_ms"] for r in report["cold"]),
+                  host_added_ms_median=statistics.median(r["added_ms"] for r in report["host"]))
+    return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    split = report["split"]
+    print("loader split (one adapter): " + ", ".join(f"{k} {v:.1f}" for k, v in split.items()))
+    print(f"{'scenario':<28} {'cold/busy TTFT ms':>18} {'warm TTFT ms':>13} {'added ms':>9}")
+    for name, key in (("from disk", "cold"), ("from the host tier", "host")):
+        rows = report[key]
+        print(f"{name:<28} {statistics.median(r['cold_ms'] for r in rows):>18.1f} "
+              f"{statistics.median(r['warm_ms'] for r in rows):>13.1f} "
+              f"{statistics.median(r['added_ms'] for r in rows):>9.1f}")
+    busy = report["under_load"]
+    print(f"{'disk, 16 streams (p50/p99)':<28} {busy['cold_ms_p50']:>18.1f} {busy['warm_ms_p50']:>13.1f} "
+          f"{busy['added_ms_p50']:>5.1f}/{busy['added_ms_p99']:.1f}")
+    print(f"host-tier installs: {report['host_hits']}; {report['dtype']}, {report['threads']} threads, "
+          f"{busy['count']} cold loads under load")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="nf4", choices=("nf4", "fp32", "int8", "bf16"))
+    parser.add_argument("--adapters", type=int, default=24)
+    parser.add_argument("--under-load", type=int, default=100, help="cold loads while 16 requests stream")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run(args.dtype, args.adapters, args.under_load)
+    print(json.dumps(report, indent=2))
+    print_table(report)
+
+
+if __name__ == "__main__":
+    main()
