@@ -65,8 +65,7 @@ def accumulate_rows(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None,
 
 
 class TorchBackend:
-    """Segments by BLAS matmuls, gathered groups by ``group_delta`` (batched torch ops here;
-    the Triton backend overrides it with its kernels)."""
+    """Segments by BLAS matmuls, gathered groups by ``group_delta`` (batched torch ops)."""
 
     name = "torch"
 

@@ -1,115 +1,263 @@
-"""The GPU path: Triton kernels for gathered groups (decode: one program per row), torch
-matmuls (cuBLAS) for large per-adapter segments. Checked on the CPU with TRITON_INTERPRET=1.
+"""The GPU adapter path: BGMV-style Triton shrink/expand that read slot tables from device tensors.
 
-Semantics of the two kernels, for row g of a gathered group using stacked adapter a = index[g]
-(the weights below are indexed by a; x, z, su and out by g):
-    shrink:  z[g, k]  = sum_i sum_j x[g, i*cA + j] * A0[g, (k + i*sA) % R, j]    (k < R)
-             su[g, q] = sum_c Au[g, q, c] * x[g, c]                              (q < u)
-    expand:  out[g, i*cB + j] = scale[g] * ( sum_k B0t[g, (k + i*sB) % R, j] * z[g, k]
-                                            + sum_q But[g, q, i*cB + j] * su[g, q] )  (i*cB+j < o)
-    shapes:  x (G, h), index (G), A0 (S, R, cA), B0t (S, R, cB), Au (S, u, h), But (S, u, o),
-             scale (S, 1)
+One launch of each kernel per adapted module serves every row of the step, whatever adapter (or
+none) each row uses, with any mix of (r, u, m, n): each row looks its slot up in the module's
+slot table (the same fields as the CPU kernel's, ``cpu_backend.TABLE_FIELDS``: a present flag,
+the addresses of A0, B0^T, Au, Bu^T in the pool and the dims R, u, m, n, cA, cB, sA, sB) and
+walks its own adapter's exact ranks in tiles of ``BLOCK_K`` with loop bounds read on the device.
+Nothing is padded to the largest rank, no weights are stacked or copied, and a step needs no
+host-side plan: the row -> slot map (``AdapterBatch.row_slots``, on the device) is the plan.
+The tables live in ``DeviceSlotTables``: device tensors rewritten in place when the pool
+changes, so a captured CUDA graph replays against newly loaded adapters without re-capture.
+
+Semantics, for row t with slot a = row_slots[t] (a table row with present = 1; other rows,
+NO_ADAPTER among them, are left untouched), x: (T, h), y: (T, o), z: (T, rank_capacity) f32:
+    shrink:  z[t, k]     = sum_{i<m} sum_{j<cA, i*cA+j<h} x[t, i*cA + j] * A0_a[(k + i*sA) % R, j]  (k < R)
+             z[t, R + q] = sum_{c<h} Au_a[q, c] * x[t, c]                                          (q < u)
+    expand:  y[t, i*cB + j] += scale_a * ( sum_{k<R} B0t_a[(k + i*sB) % R, j] * z[t, k]
+                                           + sum_{q<u} But_a[q, i*cB + j] * z[t, R + q] )  (i*cB+j < o)
+    A0_a (R, cA), B0t_a (R, cB), Au_a (u, h), But_a (u, o): the pool's tensors of slot a, in the
+    pool dtype, accumulated in float32; scale_a = alpha_a / r_a.
+Grids: shrink (T,), expand (T, ceil(o / BLOCK_O)). Checked on the CPU under TRITON_INTERPRET=1
+against ``reference.ReferenceBackend`` (float64).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import triton
 import triton.language as tl
 
-from .plan import GatheredGroup
-from .torch_backend import TorchBackend
+from .cpu_backend import TABLE_FIELDS, table_entry
+from .metadata import AdapterBatch
+from .pool import AdapterWeightPool
 
-BLOCK_J = 32
-BLOCK_O = 64
-
-
-@triton.jit
-def _shrink_kernel(x_ptr, index_ptr, a0_ptr, au_ptr, z_ptr, su_ptr, h, R, cA, m, sA, u,
-                   HAS_SHARED: tl.constexpr, HAS_UNSHARED: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_J: tl.constexpr):
-    g = tl.program_id(0)
-    a = tl.load(index_ptr + g)
-    offs_j = tl.arange(0, BLOCK_J)
-    if HAS_SHARED:
-        offs_k = tl.arange(0, BLOCK_R)
-        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for i in range(0, m):
-            source_row = (offs_k + i * sA) % R
-            for j0 in range(0, cA, BLOCK_J):
-                cols = j0 + offs_j
-                xv = tl.load(x_ptr + g * h + i * cA + cols, mask=(cols < cA) & (i * cA + cols < h), other=0.0)
-                w = tl.load(a0_ptr + a * R * cA + source_row[:, None] * cA + cols[None, :],
-                            mask=(offs_k[:, None] < R) & (cols[None, :] < cA), other=0.0)
-                acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
-        tl.store(z_ptr + g * R + offs_k, acc, mask=offs_k < R)
-    if HAS_UNSHARED:
-        offs_q = tl.arange(0, BLOCK_U)
-        acc_u = tl.zeros((BLOCK_U,), dtype=tl.float32)
-        for c0 in range(0, h, BLOCK_J):
-            cols = c0 + offs_j
-            xv = tl.load(x_ptr + g * h + cols, mask=cols < h, other=0.0)
-            w = tl.load(au_ptr + a * u * h + offs_q[:, None] * h + cols[None, :],
-                        mask=(offs_q[:, None] < u) & (cols[None, :] < h), other=0.0)
-            acc_u += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
-        tl.store(su_ptr + g * u + offs_q, acc_u, mask=offs_q < u)
+BLOCK_K = 16  # ranks per tile
+BLOCK_J = 64  # input features per tile (shrink)
+BLOCK_O = 64  # output features per program (expand)
+MIN_SLOTS = 16  # table rows allocated at first; doubled when a larger slot appears
+MIN_RANK_CAPACITY = 16  # width of the z buffer; doubled when a larger rank appears
+NUM_FIELDS = len(TABLE_FIELDS)
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
-def _expand_kernel(z_ptr, su_ptr, index_ptr, b0_ptr, bu_ptr, scale_ptr, out_ptr, o, R, cB, sB, u,
-                   HAS_SHARED: tl.constexpr, HAS_UNSHARED: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_O: tl.constexpr):
-    g = tl.program_id(0)
-    a = tl.load(index_ptr + g)
-    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    valid_o = offs_o < o
-    acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    if HAS_SHARED:
-        offs_k = tl.arange(0, BLOCK_R)
-        chunk = offs_o // cB
-        within = offs_o % cB
-        source_col = (offs_k[None, :] + chunk[:, None] * sB) % R
-        b = tl.load(b0_ptr + a * cB * R + source_col * cB + within[:, None],
-                    mask=valid_o[:, None] & (offs_k[None, :] < R), other=0.0)
-        zv = tl.load(z_ptr + g * R + offs_k, mask=offs_k < R, other=0.0)
-        acc += tl.sum(b.to(tl.float32) * zv[None, :], axis=1)
-    if HAS_UNSHARED:
-        offs_q = tl.arange(0, BLOCK_U)
-        bu = tl.load(bu_ptr + a * o * u + offs_q[None, :] * o + offs_o[:, None],
-                     mask=valid_o[:, None] & (offs_q[None, :] < u), other=0.0)
-        sv = tl.load(su_ptr + g * u + offs_q, mask=offs_q < u, other=0.0)
-        acc += tl.sum(bu.to(tl.float32) * sv[None, :], axis=1)
-    scale = tl.load(scale_ptr + a)
-    tl.store(out_ptr + g * o + offs_o, acc * scale.to(tl.float32), mask=valid_o)
+def _slot_shrink_kernel(x_ptr, row_slots_ptr, table_ptr, z_ptr, h, stride_x, stride_z,
+                        W: tl.constexpr, NUM_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_J: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(row_slots_ptr + t)
+    entry = table_ptr + tl.maximum(slot, 0) * NUM_FIELDS
+    present = (slot >= 0) & (tl.load(entry) != 0)
+    if present:
+        a0 = tl.load(entry + 1).to(tl.pointer_type(W))
+        au = tl.load(entry + 3).to(tl.pointer_type(W))
+        shared_r = tl.load(entry + 5)
+        unshared_r = tl.load(entry + 6)
+        reduce_a = tl.load(entry + 7)
+        chunk_a = tl.load(entry + 9)
+        stride_a = tl.load(entry + 11)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_j = tl.arange(0, BLOCK_J)
+        x_row = x_ptr + t * stride_x
+        z_row = z_ptr + t * stride_z
+        for k0 in range(0, shared_r, BLOCK_K):
+            k = k0 + offs_k
+            valid_k = k < shared_r
+            acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for i in range(0, reduce_a):
+                source = (k + i * stride_a) % shared_r
+                for j0 in range(0, chunk_a, BLOCK_J):
+                    cols = j0 + offs_j
+                    in_chunk = cols < chunk_a
+                    xv = tl.load(x_row + i * chunk_a + cols,
+                                 mask=in_chunk & (i * chunk_a + cols < h), other=0.0)
+                    w = tl.load(a0 + source[:, None] * chunk_a + cols[None, :],
+                                mask=valid_k[:, None] & in_chunk[None, :], other=0.0)
+                    acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
+            tl.store(z_row + k, acc, mask=valid_k)
+        for q0 in range(0, unshared_r, BLOCK_K):
+            q = q0 + offs_k
+            valid_q = q < unshared_r
+            acc_u = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for c0 in range(0, h, BLOCK_J):
+                cols = c0 + offs_j
+                xv = tl.load(x_row + cols, mask=cols < h, other=0.0)
+                w = tl.load(au + q[:, None] * h + cols[None, :],
+                            mask=valid_q[:, None] & (cols[None, :] < h), other=0.0)
+                acc_u += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
+            tl.store(z_row + shared_r + q, acc_u, mask=valid_q)
 
 
-def _next_pow2(value: int) -> int:
-    return max(triton.next_power_of_2(max(value, 1)), 2)
+@triton.jit
+def _slot_expand_kernel(z_ptr, row_slots_ptr, table_ptr, scales_ptr, y_ptr, o, stride_z,
+                        stride_y, W: tl.constexpr, NUM_FIELDS: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(row_slots_ptr + t)
+    entry = table_ptr + tl.maximum(slot, 0) * NUM_FIELDS
+    present = (slot >= 0) & (tl.load(entry) != 0)
+    if present:
+        b0t = tl.load(entry + 2).to(tl.pointer_type(W))
+        but = tl.load(entry + 4).to(tl.pointer_type(W))
+        shared_r = tl.load(entry + 5)
+        unshared_r = tl.load(entry + 6)
+        chunk_b = tl.load(entry + 10)
+        stride_b = tl.load(entry + 12)
+        offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        valid_o = offs_o < o
+        chunk = offs_o // chunk_b
+        within = offs_o % chunk_b
+        offs_k = tl.arange(0, BLOCK_K)
+        z_row = z_ptr + t * stride_z
+        acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        for k0 in range(0, shared_r, BLOCK_K):
+            k = k0 + offs_k
+            valid_k = k < shared_r
+            source = (k[None, :] + chunk[:, None] * stride_b) % shared_r
+            b = tl.load(b0t + source * chunk_b + within[:, None],
+                        mask=valid_o[:, None] & valid_k[None, :], other=0.0)
+            zv = tl.load(z_row + k, mask=valid_k, other=0.0)
+            acc += tl.sum(b.to(tl.float32) * zv[None, :], axis=1)
+        for q0 in range(0, unshared_r, BLOCK_K):
+            q = q0 + offs_k
+            valid_q = q < unshared_r
+            bu = tl.load(but + q[None, :] * o + offs_o[:, None],
+                         mask=valid_o[:, None] & valid_q[None, :], other=0.0)
+            sv = tl.load(z_row + shared_r + q, mask=valid_q, other=0.0)
+            acc += tl.sum(bu.to(tl.float32) * sv[None, :], axis=1)
+        scale = tl.load(scales_ptr + slot)
+        y_row = y_ptr + t * stride_y + offs_o
+        base = tl.load(y_row, mask=valid_o, other=0.0)
+        tl.store(y_row, (base.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty),
+                 mask=valid_o)
 
 
-def gathered_delta(x: torch.Tensor, group: GatheredGroup) -> torch.Tensor:
-    """Delta (G, o) in float32 for the rows x (G, h) of a gathered group."""
-    spec = group.spec
-    rows, shared, unshared = x.shape[0], spec.shared_r, spec.unshared_r
-    x = x.contiguous()
-    z = torch.empty(rows, max(shared, 1), dtype=torch.float32, device=x.device)
-    su = torch.empty(rows, max(unshared, 1), dtype=torch.float32, device=x.device)
-    out = torch.empty(rows, spec.out_features, dtype=torch.float32, device=x.device)
-    flags = dict(HAS_SHARED=shared > 0, HAS_UNSHARED=unshared > 0,
-                 BLOCK_R=_next_pow2(shared), BLOCK_U=_next_pow2(unshared))
-    _shrink_kernel[(rows,)](x, group.weight_index, group.A0, group.Au, z, su, spec.in_features,
-                            shared, spec.chunk_a, spec.reduce_a, spec.stride_a, unshared,
-                            BLOCK_J=BLOCK_J, **flags)
-    grid = (rows, triton.cdiv(spec.out_features, BLOCK_O))
-    _expand_kernel[grid](z, su, group.weight_index, group.B0t, group.But, group.scales, out,
-                         spec.out_features, shared, spec.chunk_b, spec.stride_b, unshared,
-                         BLOCK_O=BLOCK_O, **flags)
-    return out
+def _pow2_at_least(value: int, floor: int) -> int:
+    return max(floor, triton.next_power_of_2(max(value, 1)))
 
 
-class TritonBackend(TorchBackend):
+class DeviceSlotTables:
+    """Every module's slot table in two device tensors, rewritten in place when the pool changes.
+
+    ``entries`` (modules, capacity, NUM_FIELDS) int64 and ``scales`` (modules, capacity) float32;
+    a module's table is ``entries[index[path]]``. ``sync`` compares the pool's version (bumped on
+    every load and unload) and rewrites the tensors in place; only when they must grow (a new
+    module path, a slot beyond the capacity, a rank beyond ``rank_capacity``) are they
+    reallocated, which bumps ``layout_version``: a captured CUDA graph holds the old addresses
+    and must be captured again then (and only then)."""
+
+    def __init__(self, pool: AdapterWeightPool, module_paths: tuple[str, ...] | list[str] = ()) -> None:
+        self.pool = pool
+        self.index: dict[str, int] = {}
+        self.capacity = MIN_SLOTS
+        self.rank_capacity = MIN_RANK_CAPACITY
+        self.layout_version = 0
+        self.synced_version: int | None = None
+        self.entries = torch.zeros(0, self.capacity, NUM_FIELDS, dtype=torch.int64, device=pool.device)
+        self.scales = torch.zeros(0, self.capacity, dtype=torch.float32, device=pool.device)
+        self._grow(list(module_paths), self.capacity, self.rank_capacity)
+
+    def _grow(self, new_paths: list[str], capacity: int, rank_capacity: int) -> None:
+        for path in new_paths:
+            self.index.setdefault(path, len(self.index))
+        self.capacity, self.rank_capacity = capacity, rank_capacity
+        device = self.pool.device
+        self.entries = torch.zeros(len(self.index), capacity, NUM_FIELDS, dtype=torch.int64, device=device)
+        self.scales = torch.zeros(len(self.index), capacity, dtype=torch.float32, device=device)
+        self.layout_version += 1
+        self.synced_version = None
+
+    def host_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``entries`` and ``scales`` hold for the pool as it is now (CPU tensors)."""
+        entries = torch.zeros(self.entries.shape, dtype=torch.int64)
+        scales = torch.zeros(self.scales.shape, dtype=torch.float32)
+        for path, module in self.index.items():
+            for slot, weights in (self.pool.module(path) or {}).items():
+                entries[module, slot] = torch.tensor(table_entry(weights), dtype=torch.int64)
+                scales[module, slot] = weights.spec.scale
+        return entries, scales
+
+    def sync(self, extra_path: str | None = None) -> None:
+        """Bring the tables up to the pool (cheap when nothing changed)."""
+        new_paths = [extra_path] if extra_path is not None and extra_path not in self.index else []
+        if not new_paths and self.synced_version == self.pool.version:
+            return
+        paths = list(self.index) + new_paths
+        top_slot, top_rank = -1, 0
+        for path in paths:
+            for slot, weights in (self.pool.module(path) or {}).items():
+                top_slot, top_rank = max(top_slot, slot), max(top_rank, weights.spec.r)
+        capacity = _pow2_at_least(top_slot + 1, self.capacity)
+        rank_capacity = _pow2_at_least(top_rank, self.rank_capacity)
+        if new_paths or capacity != self.capacity or rank_capacity != self.rank_capacity:
+            self._grow(new_paths, capacity, rank_capacity)
+        version = self.pool.version
+        entries, scales = self.host_tables()
+        self.entries.copy_(entries)
+        self.scales.copy_(scales)
+        self.synced_version = version
+
+    def module(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module's (entries (capacity, NUM_FIELDS), scales (capacity,)) views."""
+        self.sync(path)
+        index = self.index[path]
+        return self.entries[index], self.scales[index]
+
+
+def slot_apply(y: torch.Tensor, x: torch.Tensor, row_slots: torch.Tensor, entries: torch.Tensor,
+               scales: torch.Tensor, weight_dtype: torch.dtype, rank_capacity: int) -> None:
+    """The two launches for one module (see Semantics); y (T, o) is updated in place."""
+    rows, in_features = x.shape
+    out_features = y.shape[1]
+    if rows == 0:
+        return
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if y.stride(1) != 1:
+        raise ValueError("the expand kernel adds into y in place: its rows must be contiguous")
+    z = torch.empty(rows, rank_capacity, dtype=torch.float32, device=x.device)
+    w = _TL_DTYPES[weight_dtype]
+    _slot_shrink_kernel[(rows,)](x, row_slots, entries, z, in_features, x.stride(0), z.stride(0),
+                                 W=w, NUM_FIELDS=NUM_FIELDS, BLOCK_K=BLOCK_K, BLOCK_J=BLOCK_J)
+    _slot_expand_kernel[(rows, triton.cdiv(out_features, BLOCK_O))](
+        z, row_slots, entries, scales, y, out_features, z.stride(0), y.stride(0),
+        W=w, NUM_FIELDS=NUM_FIELDS, BLOCK_K=BLOCK_K, BLOCK_O=BLOCK_O)
+
+
+class TritonBackend:
+    """``AdapterBackend`` over ``slot_apply``: one ``DeviceSlotTables`` per pool."""
+
     name = "triton"
 
-    @staticmethod
-    def group_delta(x: torch.Tensor, group: GatheredGroup) -> torch.Tensor:
-        return gathered_delta(x, group)
+    def __init__(self) -> None:
+        self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def tables(self, pool: AdapterWeightPool,
+               module_paths: tuple[str, ...] | list[str] = ()) -> DeviceSlotTables:
+        """The pool's device tables (made on first use; ``module_paths`` registered up front,
+        as the CUDA-graph runner does for every adaptable projection of the model)."""
+        tables = self._tables.get(pool)
+        if tables is None:
+            if pool.dtype not in _TL_DTYPES:
+                raise TypeError(f"the triton backend reads float32/bfloat16/float16 pools, not {pool.dtype}")
+            tables = self._tables[pool] = DeviceSlotTables(pool, module_paths)
+        for path in module_paths:
+            tables.sync(path)
+        return tables
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, pool: AdapterWeightPool, module_path: str,
+              batch: AdapterBatch) -> None:
+        if pool.module(module_path) is None:  # eager: no resident adapter targets the module
+            return
+        self.launch(y, x, pool, module_path, batch.row_slots)
+
+    def launch(self, y: torch.Tensor, x: torch.Tensor, pool: AdapterWeightPool, module_path: str,
+               row_slots: torch.Tensor) -> None:
+        """Both kernels, unconditionally (a captured graph must hold them for every module,
+        whether or not an adapter targets it at capture time)."""
+        tables = self.tables(pool)
+        entries, scales = tables.module(module_path)
+        slot_apply(y, x, row_slots, entries, scales, pool.dtype, tables.rank_capacity)
