@@ -324,6 +324,10 @@ class EngineConfig:
         True, parse=parse_bool, check=boolean,
         help="reuse the KV blocks of a prompt prefix seen before on the same adapter weights "
              "(--no-prefix-caching turns it off)")
+    enforce_eager: bool = option(
+        False, parse=parse_bool, check=boolean,
+        help="run every decode step eagerly, without CUDA graphs (graphs are used only on CUDA "
+             "with the triton adapter backend and decode attention; nothing changes on the CPU)")
     cache_dir: Path | None = option(None, parse=expanded_path, optional=True,
                                     help="where the converted default model is cached",
                                     shown_default="$PROLORA_SERVE_CACHE or the user cache")

@@ -134,7 +134,8 @@ class LLMEngine:
         num_blocks = self._num_blocks(config, loaded.model, kv_dtype)
         adapter_dtype = resolve_adapter_dtype(config.adapter_dtype, config.dtype, loaded.model.dtype)
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, config.adapter_backend,
-                                  adapter_dtype, kv_dtype)
+                                  adapter_dtype, kv_dtype, enforce_eager=config.enforce_eager,
+                                  max_batch=config.max_batch, max_model_len=config.max_model_len)
         self.adapter_source = adapter_source
         self.adapter_cache = (AdapterCache(self.runner.pool, config.adapter_memory, adapter_source,
                                            host_budget_bytes=config.adapter_host_memory)

@@ -1,7 +1,9 @@
 """The device side of a step: flatten the scheduled chunks, run the forward, return logits.
 
 It owns everything on the device: the model (with its projections wrapped for adapters), the
-paged KV cache, and the pool of resident adapter weights that the adapter kernels read.
+paged KV cache, and the pool of resident adapter weights that the adapter kernels read. On CUDA
+(unless ``--enforce-eager``) pure decode steps replay CUDA graphs (``cuda_graphs.py``); the
+cache then holds one extra block, the dummy block that padding rows write to.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ...kernels import (NO_ADAPTER, AdapterContext, AdapterWeightPool, SeqSlice, StepMetadata,
-                        build_adapter_batch, build_attention_metadata, get_backend)
+                        build_adapter_batch, build_attention_metadata, get_backend,
+                        get_decode_attention)
 from .client import KernelBackends
+from .cuda_graphs import DecodeGraphs, decode_rows, graphs_unavailable
 from .model import LlamaModel
 from .scheduler import ScheduledChunk
 
@@ -53,14 +57,24 @@ def flatten(chunks: list[ScheduledChunk]) -> FlatBatch:
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
                  adapter_backend: str = "auto", adapter_dtype: torch.dtype | None = None,
-                 kv_cache_dtype: torch.dtype | None = None) -> None:
+                 kv_cache_dtype: torch.dtype | None = None, *, enforce_eager: bool = False,
+                 max_batch: int = 32, max_model_len: int = 2048) -> None:
         self.model = model
         self.block_size = block_size
-        self.kv_cache = model.make_kv_cache(num_blocks, block_size, kv_cache_dtype)
+        backend = get_backend(adapter_backend, model.device, model.dtype)
+        kv_dtype = kv_cache_dtype or model.dtype
+        # why decode steps run eagerly (None: they replay CUDA graphs), decided once
+        self.graphs_off_reason = graphs_unavailable(
+            model.device.type, enforce_eager, backend.name,
+            get_decode_attention(model.device.type, kv_dtype).name)
+        graphs = self.graphs_off_reason is None
+        self.kv_cache = model.make_kv_cache(num_blocks + graphs, block_size, kv_dtype)
         self.pool = AdapterWeightPool(model.device, adapter_dtype or model.dtype)
-        self.adapter_ctx = AdapterContext(self.pool, get_backend(adapter_backend, model.device, model.dtype))
+        self.adapter_ctx = AdapterContext(self.pool, backend)
         self.backends = KernelBackends(adapter=self.adapter_ctx.backend.name,
                                        decode_attention=self.kv_cache.decode_attention.name)
+        self.graphs = (DecodeGraphs(self, max_batch, max_model_len, dummy_block=num_blocks)
+                       if graphs else None)
 
     def step_metadata(self, chunks: list[ScheduledChunk], flat: FlatBatch) -> StepMetadata:
         """The step's one value: attention metadata and this step's adapter batch."""
@@ -72,6 +86,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> StepLogits:
+        if self.graphs is not None:
+            rows = decode_rows(chunks)
+            logits = self.graphs.run(rows) if rows is not None else None
+            if logits is not None:
+                return StepLogits(logits)
         device = self.model.device
         flat = flatten(chunks)
         hidden = self.model(flat.input_ids.to(device), flat.positions.to(device),
