@@ -29,7 +29,7 @@ PROJECTIONS: dict[str, str] = {
 ALL_TARGETS: tuple[str, ...] = tuple(PROJECTIONS)
 
 ADAPTER_DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
-WEIGHT_DTYPES: tuple[str, ...] = ("nf4", "int8", "bf16", "fp32")
+WEIGHT_DTYPES: tuple[str, ...] = ("nf4", "int8", "bf16", "fp16", "fp32")
 NF4_BLOCK = 64  # bitsandbytes Params4bit default blocksize: one float32 absmax per block
 
 
@@ -209,7 +209,7 @@ def linear_weight_bytes(num_weights: int, out_features: int, weight_dtype: str) 
         return -(-num_weights // 2) + 4 * -(-num_weights // NF4_BLOCK)
     if weight_dtype == "int8":  # LLM.int8: int8 codes + a float32 scale per output row
         return num_weights + 4 * out_features
-    if weight_dtype == "bf16":
+    if weight_dtype in ("bf16", "fp16"):
         return 2 * num_weights
     if weight_dtype == "fp32":
         return 4 * num_weights

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from transformers import (AutoConfig, AutoTokenizer, GenerationConfig, LlamaConfig,
-                          PreTrainedTokenizerBase)
+                          PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
 from .default_model import DEFAULT_MODEL_NAME, cache_root, default_model_hf_dir
 from .model import LlamaModel
-from .quantize import compute_dtype_for, model_nbytes, quantize_model
+from .quantize import (compute_dtype_for, load_dtype_for, model_nbytes, quantize_linear,
+                       quantize_model)
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 # Keys some checkpoints carry that the model recomputes instead of loading.
@@ -52,21 +53,66 @@ class _Checkpoint:
 
 def load_base_model(model: str | None = None, dtype: str = "nf4", device: str = "cpu",
                     cache_dir: Path | None = None) -> LoadedModel:
-    """Load, quantize (``nf4``, ``int8``, ``bf16`` or ``fp32``) and place the base model."""
+    """Load, quantize (``nf4``, ``int8``, ``bf16``, ``fp16`` or ``fp32``) and place the base
+    model; it computes in ``quantize.compute_dtype_for(dtype, device)``."""
     started = time.perf_counter()
     target = _check_device(device)
     compute_dtype_for(dtype, target)  # validates dtype early, before any heavy work
     checkpoint = _read_checkpoint(model, cache_dir)
-    load_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    llama = build_model(checkpoint.config, checkpoint.state, load_dtype)
+    llama = build_model(checkpoint.config, checkpoint.state, load_dtype_for(dtype))
     checkpoint.state = {}  # the model holds the weights now; let the rest go
-    cache_file = quantized_cache_file(cache_root(cache_dir), checkpoint.name, checkpoint.files, dtype)
+    cache_file = quantized_cache_file(cache_root(cache_dir), checkpoint.name, checkpoint.files, dtype,
+                                      target.type)
     quantize_model(llama, dtype, target, list(llama.linear_shapes()), cache_file)
     return LoadedModel(model=llama, tokenizer=checkpoint.tokenizer, hf_config=checkpoint.config,
                        name=checkpoint.name, nbytes=model_nbytes(llama),
                        eos_token_ids=eos_token_ids(checkpoint.config, checkpoint.generation,
                                                    checkpoint.tokenizer),
                        dtype=dtype, load_seconds=time.perf_counter() - started)
+
+
+def synthetic_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of ``vocab_size`` tokens ``t0 t1 ...`` (``t0`` is also the end of
+    sequence), for models with random weights: ids decode to text, nothing is downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    word_level = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=word_level, eos_token="t0", unk_token="t0")
+
+
+@torch.no_grad()  # not inference mode: the tensors stay usable everywhere
+def random_base_model(config: LlamaConfig, dtype: str = "bf16", device: str = "cpu",
+                      tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0,
+                      name: str = "random", std: float = 0.02) -> LoadedModel:
+    """A model of ``config``'s shapes with random weights (N(0, std), norms 1), built on the
+    device one tensor at a time and each projection quantized as soon as it is drawn: a
+    LLaMA2-7B-shaped nf4 model never holds more than one bf16 projection besides its nf4 ones,
+    and nothing is read from disk or downloaded (benchmarks of shapes we hold no weights for)."""
+    started = time.perf_counter()
+    target = _check_device(device)
+    compute = compute_dtype_for(dtype, target)
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    gen = torch.Generator(device=target).manual_seed(seed)
+    linear_paths = list(model.linear_shapes())
+    for module_name, module in list(model.named_modules()):
+        for param_name, param in list(module.named_parameters(recurse=False)):
+            if param_name == "weight" and module_name.endswith("norm"):
+                value = torch.ones(param.shape, dtype=compute, device=target)
+            else:
+                value = torch.randn(param.shape, generator=gen, dtype=torch.float32, device=target)
+                value = value.mul_(std).to(compute)
+            setattr(module, param_name, torch.nn.Parameter(value, requires_grad=False))
+        if module_name in linear_paths:
+            quantize_linear(model, module_name, dtype, target)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    quantize_model(model, dtype, target, [], None)  # the rest: placement, eval, packing, warm-up
+    tokenizer = tokenizer or synthetic_tokenizer(config.vocab_size)
+    return LoadedModel(model=model, tokenizer=tokenizer, hf_config=config, name=name,
+                       nbytes=model_nbytes(model), eos_token_ids=[], dtype=dtype,
+                       load_seconds=time.perf_counter() - started)
 
 
 def _check_device(device: str | torch.device) -> torch.device:
@@ -151,8 +197,10 @@ def _safetensors_files(directory: Path) -> list[Path]:
     return [directory / name for name in names]
 
 
-def quantized_cache_file(root: Path, name: str, files: list[Path], dtype: str) -> Path | None:
-    """Where the quantized weights of these exact files are cached (None for float dtypes)."""
+def quantized_cache_file(root: Path, name: str, files: list[Path], dtype: str,
+                         device_type: str = "cpu") -> Path | None:
+    """Where the quantized weights of these exact files are cached (None for float dtypes).
+    CUDA caches are separate files: a CPU cache may hold weights repacked for the CPU kernel."""
     if dtype not in ("nf4", "int8"):
         return None
     digest = hashlib.sha256()
@@ -160,7 +208,8 @@ def quantized_cache_file(root: Path, name: str, files: list[Path], dtype: str) -
         stat = file.stat()
         digest.update(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return root / "quantized" / f"{safe_name}-{dtype}-{digest.hexdigest()[:16]}.safetensors"
+    device = "" if device_type == "cpu" else f"-{device_type}"
+    return root / "quantized" / f"{safe_name}-{dtype}{device}-{digest.hexdigest()[:16]}.safetensors"
 
 
 def build_model(config: LlamaConfig, state: dict[str, torch.Tensor],

@@ -8,7 +8,14 @@
 - ``int8``: bitsandbytes ``Linear8bitLt`` storage (int8 rows + absmax); on the CPU a weight-only
   dequantizing forward (bitsandbytes' CPU path also quantizes activations: less accurate, and it
   logs a warning per call).
-- ``bf16`` / ``fp32``: plain casts.
+- ``bf16`` / ``fp16`` / ``fp32``: plain casts.
+
+The compute dtype (activations, unquantized weights, the KV cache and adapters by default) is
+chosen once per (format, device) in ``COMPUTE_DTYPES``: on the CPU the quantized formats compute
+in float32 (bitsandbytes' CPU kernels take float32 or bf16 in and the fused adapter kernel is
+float32); on CUDA ``nf4`` computes in bf16 (QLoRA's bnb_4bit_compute_dtype; the NF4 state
+dequantizes straight to bf16), ``int8`` in fp16 (bitsandbytes' int8 matmul casts its input to
+fp16 anyway), and the float formats in themselves.
 
 On the CPU, the float32 linears that remain (the output layer; every projection of an fp32
 base) are then swapped for oneDNN-packed ones (``packed_linear.py``): same float32 products.
@@ -89,13 +96,32 @@ class Int8Linear(bnb.nn.Linear8bitLt):
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
 
-def compute_dtype_for(dtype: str, device: torch.device) -> torch.dtype:
-    """The float dtype activations (and unquantized weights) use for a quantization option."""
+# (base weight format, device type) -> the compute dtype; see the module docstring.
+COMPUTE_DTYPES: dict[tuple[str, str], torch.dtype] = {
+    ("nf4", "cpu"): torch.float32, ("nf4", "cuda"): torch.bfloat16,
+    ("int8", "cpu"): torch.float32, ("int8", "cuda"): torch.float16,
+    ("bf16", "cpu"): torch.bfloat16, ("bf16", "cuda"): torch.bfloat16,
+    ("fp16", "cpu"): torch.float16, ("fp16", "cuda"): torch.float16,
+    ("fp32", "cpu"): torch.float32, ("fp32", "cuda"): torch.float32,
+}
+# The dtype the checkpoint is read into before quantizing: the float formats read straight into
+# their own dtype (a 7B fp32 copy never exists), the quantized ones quantize from float32.
+LOAD_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype_for(dtype: str, device: torch.device | str) -> torch.dtype:
+    """The float dtype activations (and unquantized weights) use for a weight format."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {DTYPES}")
-    if dtype == "fp32" or (dtype in ("nf4", "int8") and device.type == "cpu"):
-        return torch.float32
-    return torch.bfloat16
+    device_type = torch.device(device).type
+    if (dtype, device_type) not in COMPUTE_DTYPES:
+        raise ValueError(f"no compute dtype for {dtype} on {device_type} (cpu or cuda)")
+    return COMPUTE_DTYPES[dtype, device_type]
+
+
+def load_dtype_for(dtype: str) -> torch.dtype:
+    """The dtype checkpoint tensors are read into for a weight format."""
+    return LOAD_DTYPES.get(dtype, torch.float32)
 
 
 def quantize_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -114,9 +140,12 @@ def nf4_linear(linear: nn.Linear, q: dict[str, torch.Tensor], compute_dtype: tor
     """A Linear4bit from quantized tensors, canonical or (``cpu_packed``) in bitsandbytes' CPU layout."""
     module = NF4Linear(linear.in_features, linear.out_features, linear.bias is not None,
                        compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+    # the dtype the weights dequantize to: the compute dtype on CUDA (one pass, no float32 copy
+    # of each weight per call); float32 on the CPU, as bitsandbytes' CPU repacking expects
     state = bnbf.QuantState(absmax=q["absmax"], shape=torch.Size(linear.weight.shape),
                             code=bnbf.get_4bit_type("nf4", device=q["packed"].device),
-                            blocksize=NF4_BLOCKSIZE, quant_type="nf4", dtype=torch.float32)
+                            blocksize=NF4_BLOCKSIZE, quant_type="nf4",
+                            dtype=compute_dtype if device.type == "cuda" else torch.float32)
     if _flag(q, "cpu_packed"):
         _mark_cpu_packed(state)
     module.weight = bnb.nn.Params4bit(q["packed"], requires_grad=False, quant_state=state,
@@ -183,7 +212,7 @@ def quantize_model(model: nn.Module, dtype: str, device: torch.device | str,
     compute_dtype = compute_dtype_for(dtype, device)
     cached = None
     if dtype in QUANTIZERS:
-        cached = read_quantized(cache_file, dtype, linear_paths)
+        cached = read_quantized(cache_file, dtype, linear_paths, device.type)
         for path in linear_paths:  # one layer at a time: full-precision weights never all
             _swap_linear(model, path, dtype, compute_dtype, device, cached)  # sit on the device
     model.to(device=device, dtype=compute_dtype)  # integer weights keep their dtype
@@ -194,6 +223,15 @@ def quantize_model(model: nn.Module, dtype: str, device: torch.device | str,
         write_quantized(cache_file, dtype,
                         {p: quantized_tensors(model.get_submodule(p)) for p in linear_paths})
     return model
+
+
+def quantize_linear(model: nn.Module, path: str, dtype: str, device: torch.device | str) -> None:
+    """Quantize one linear in place (``nf4`` / ``int8``; float formats are left alone), from the
+    weight it holds, on ``device``: how a model is built layer by layer without a full-precision
+    copy (``loader.random_base_model``)."""
+    device = torch.device(device)
+    if dtype in QUANTIZERS:
+        _swap_linear(model, path, dtype, compute_dtype_for(dtype, device), device, None)
 
 
 def _swap_linear(model: nn.Module, path: str, dtype: str, compute_dtype: torch.dtype,
@@ -215,9 +253,10 @@ def warm_up(model: nn.Module, dtype: torch.dtype) -> None:
             module(torch.zeros(1, module.in_features, dtype=dtype, device=module.weight.device))
 
 
-def read_quantized(cache_file: Path | None, dtype: str,
-                   linear_paths: list[str]) -> dict[str, dict[str, torch.Tensor]] | None:
-    """Cached tensors per module path, or None if absent, stale, unreadable or for another CPU."""
+def read_quantized(cache_file: Path | None, dtype: str, linear_paths: list[str],
+                   device_type: str = "cpu") -> dict[str, dict[str, torch.Tensor]] | None:
+    """Cached tensors per module path, or None if absent, stale, unreadable or for another CPU
+    (tensors repacked for bitsandbytes' CPU kernel serve only a CPU)."""
     if cache_file is None or not cache_file.is_file():
         return None
     try:
@@ -231,7 +270,7 @@ def read_quantized(cache_file: Path | None, dtype: str,
         grouped.setdefault(path, {})[name] = tensor
     packed = any(_flag(q, "cpu_packed") for q in grouped.values())
     if header != _header(dtype) or set(grouped) != set(linear_paths) or (
-            packed and not bnbf.has_avx512bf16()):
+            packed and (device_type != "cpu" or not bnbf.has_avx512bf16())):
         return None
     return grouped
 
