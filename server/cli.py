@@ -145,6 +145,8 @@ BENCHMARKS = {
                          "PRoLoRA vs LoRA at equal parameters (trains)"),
     "registry": ("prolora_serve.server.bench_registry",
                  "adapter registry: open time, RSS and queries with 10 to 10,000 adapters"),
+    "device": ("prolora_serve.server.engine.bench_device",
+               "the GPU path on one H100/H200: GPU tests, tokens/s, kernels vs bytes floors"),
 }
 
 

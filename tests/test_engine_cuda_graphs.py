@@ -14,6 +14,8 @@ from prolora_serve.server.engine.cuda_graphs import (DecodeRow, StaticBuffers, b
                                                      pad_decode_batch)
 from prolora_serve.server.engine.scheduler import ScheduledChunk
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def test_buckets_cover_every_batch_size_up_to_max_batch() -> None:
     assert batch_buckets(32) == (1, 2, 4, 8, 16, 32)
@@ -117,10 +119,11 @@ def test_cpu_runner_never_uses_graphs() -> None:
 
 @pytest.mark.triton
 def test_padded_forward_over_static_buffers_matches_the_eager_step() -> None:
-    """The graph path's forward (the kernels a capture would record, over the padded static
-    buffers) gives the eager step's logits; adapters loaded afterwards are seen without
-    rebuilding anything (the slot tables are rewritten in place); pad rows write only the
-    dummy block."""
+    """The graph path's forward (the kernels a capture records, over the padded static buffers)
+    gives the eager step's logits; adapters loaded afterwards are seen without rebuilding
+    anything (the slot tables are rewritten in place); pad rows write only the dummy block.
+    On the CPU the padded forward runs without capture (Triton's interpreter); on a GPU it is
+    captured and replayed."""
     pytest.importorskip("triton")
     from prolora_serve.kernels.attention import DecodeAttention
     from prolora_serve.kernels.triton_attention import triton_decode_attention
@@ -131,9 +134,9 @@ def test_padded_forward_over_static_buffers_matches_the_eager_step() -> None:
     from test_kernels import make_adapter
 
     hf = build_tiny_llama(40, seed=3)
-    model = build_model(hf.config, hf.state_dict())
+    model = build_model(hf.config, hf.state_dict()).to(DEVICE)
     num_blocks, block_size = 12, 4
-    runner = ModelRunner(model, num_blocks, block_size, "triton")
+    runner = ModelRunner(model, num_blocks, block_size, "triton", enforce_eager=True)
     runner.kv_cache.decode_attention = DecodeAttention("triton", triton_decode_attention)
     shapes = {p: s for p, s in model.linear_shapes().items()}
     runner.pool.load(0, make_adapter(8, 2, 4, 6, alpha=16.0, seed=1, modules=shapes))
@@ -150,7 +153,7 @@ def test_padded_forward_over_static_buffers_matches_the_eager_step() -> None:
     eager = runner.run(decode).sample
     before = [k.clone() for k in runner.kv_cache.keys]
     graphs = DecodeGraphs(runner, max_batch=4, max_model_len=24, dummy_block=num_blocks - 1,
-                          capture=False)
+                          capture=DEVICE == "cuda")
     layout = graphs.tables.layout_version
     padded = graphs.run(decode_rows(decode))  # bucket 4: three rows and one pad row
     torch.testing.assert_close(padded, eager, rtol=1e-4, atol=1e-4)

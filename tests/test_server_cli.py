@@ -73,6 +73,22 @@ def test_serve_command_end_to_end(tiny_llama_dir, tmp_path) -> None:
     assert (tmp_path / "store" / "demo-a.safetensors").is_file()
 
 
+def test_bench_device_dry_run_lists_its_steps_without_a_gpu(capsys) -> None:
+    """The device check's --dry-run needs no GPU: it lists every step and exits 0."""
+    from prolora_serve.server import cli
+    from prolora_serve.server.engine import bench_device
+
+    assert cli.main(["bench", "device", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for step in bench_device.STEPS:
+        assert step.name in out and step.summary in out
+    for test_file in bench_device.GPU_TEST_FILES:
+        assert (bench_device.REPO / test_file).is_file()
+    assert "32 distinct PRoLoRA r=32 u=4 m=n=7" in out and "llama2-7b bf16" in out
+    assert cli.main(["bench", "device", "--dry-run", "--skip", "throughput"]) == 0
+    assert "throughput" not in capsys.readouterr().out.split("this machine:")[0]
+
+
 def test_bench_is_one_command_group_forwarding_each_benchmarks_options(capsys) -> None:
     import pytest
 
@@ -80,7 +96,7 @@ def test_bench_is_one_command_group_forwarding_each_benchmarks_options(capsys) -
 
     own_option = {"kernels": "--pool-dtype", "engine": "--rss-counts", "model": "--batches",
                   "grammar": "--rows", "prefix": "--system-tokens", "cold-load": "--under-load", "demo-quality": "--threads", "param-efficiency": "--threads",
-                  "registry": "--counts"}
+                  "registry": "--counts", "device": "--dry-run"}
     assert set(cli.BENCHMARKS) == set(own_option)
     for name, option in own_option.items():
         with pytest.raises(SystemExit) as done:

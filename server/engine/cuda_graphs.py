@@ -297,6 +297,7 @@ class DecodeGraphs:
         log.info("captured the decode graph for bucket %d (%s) in %.2f s", key[0],
                  "adapters" if key[1] else "base only", time.perf_counter() - started)
 
+    @torch.inference_mode()
     def capture_all(self, progress: Callable[[GraphKey], None] | None = None) -> None:
         """Capture every (bucket, adapters) graph now, largest bucket first (the memory pool
         then fits the smaller ones), over pad rows only."""
