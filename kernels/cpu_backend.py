@@ -11,6 +11,7 @@ are float32. Semantics are those of torch_backend.py; the float64 reference chec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -41,23 +42,37 @@ def table_entry(weights: CompactLinearWeights) -> list[int]:
             spec.reduce_b, spec.chunk_a, spec.chunk_b, spec.stride_a, spec.stride_b]
 
 
-def build_slot_table(weights: dict[int, CompactLinearWeights]) -> SlotTable:
-    """Slot -> table row for every adapter resident for a module (pure, apart from addresses)."""
+_ABSENT = [0] * len(TABLE_FIELDS)
+RowOf = Callable[[int, CompactLinearWeights], list[int]]
+
+
+def build_slot_table(weights: dict[int, CompactLinearWeights], row_of: RowOf | None = None) -> SlotTable:
+    """Slot -> table row for every adapter resident for a module (pure, apart from addresses).
+    ``row_of(slot, weights)``: the row, possibly kept from before (default: ``table_entry``)."""
     size = max(weights) + 1
-    entries = torch.zeros(size, len(TABLE_FIELDS), dtype=torch.int64)
-    scales = torch.zeros(size, dtype=torch.float32)
+    table = [_ABSENT] * size
+    scales = [0.0] * size
     for slot, w in weights.items():
-        entries[slot] = torch.tensor(table_entry(w), dtype=torch.int64)
+        table[slot] = table_entry(w) if row_of is None else row_of(slot, w)
         scales[slot] = w.spec.scale
-    return SlotTable(entries, scales)
+    return SlotTable(torch.tensor(table, dtype=torch.int64), torch.tensor(scales, dtype=torch.float32))
 
 
 def slot_table(pool: AdapterWeightPool, module_path: str) -> SlotTable | None:
-    """The module's table, kept until the pool next changes (it resets ``plan_cache``)."""
+    """The module's table, kept until the pool next changes (it resets ``plan_cache``). A row
+    depends on its slot alone, so rows are kept in ``pool.slot_cache``: loading one adapter
+    makes only that adapter's rows, then one tensor per module."""
     tables: dict = pool.plan_cache.setdefault(_TABLES_KEY, {})
     if module_path not in tables:
         weights = pool.module(module_path)
-        tables[module_path] = None if weights is None else build_slot_table(weights)
+
+        def kept_row(slot: int, w: CompactLinearWeights) -> list[int]:
+            rows = pool.slot_cache.setdefault(slot, {}).setdefault(_TABLES_KEY, {})
+            if module_path not in rows:
+                rows[module_path] = table_entry(w)
+            return rows[module_path]
+
+        tables[module_path] = None if weights is None else build_slot_table(weights, kept_row)
     return tables[module_path]
 
 

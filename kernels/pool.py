@@ -4,7 +4,8 @@ Each adapter keeps its own exact-size tensors (A0/B0/Au/Bu) in one allocation, s
 bytes equal the compact parameter bytes: nothing is padded to a common rank and nothing is
 materialized. The CPU kernel reads these tensors in place through per-module slot tables; the
 torch and Triton backends stack them per step layout (``plan.py``). Both caches live in
-``plan_cache`` and are dropped on every load/unload.
+``plan_cache`` and are dropped on every load/unload; what a backend derives from one slot alone
+(the CPU kernel's table rows) lives in ``slot_cache`` and is dropped only when that slot changes.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class AdapterWeightPool:
         self._lock = threading.Lock()
         self.version = 0  # bumped on every load/unload; cached plans keyed on it
         self.plan_cache: dict = {}
+        self.slot_cache: dict[int, dict] = {}  # slot -> backend data derived from that slot alone
 
     def load(self, slot: int, adapter: CompactAdapter) -> None:
         """Copy an adapter's compact weights to the device into ``slot`` (which must be free)."""
@@ -78,6 +80,7 @@ class AdapterWeightPool:
             self._adapters[slot] = resident
             for path, weights in resident.modules.items():
                 self._modules.setdefault(path, {})[slot] = weights
+            self.slot_cache.pop(slot, None)
             self._invalidate()
 
     def check_representable(self, adapter: CompactAdapter) -> None:
@@ -99,6 +102,7 @@ class AdapterWeightPool:
     def unload(self, slot: int) -> None:
         with self._lock:
             adapter = self._adapters.pop(slot)
+            self.slot_cache.pop(slot, None)
             for path in adapter.modules:
                 entries = self._modules[path]
                 del entries[slot]

@@ -40,7 +40,7 @@ from .loader import LoadedModel, load_base_model
 from .sampling import SamplingParams
 
 ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0)
-STREAMING = SamplingParams(max_tokens=100_000, temperature=0, ignore_eos=True)
+STREAMING = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)  # each stream, repeated
 
 
 def make_registry(root: Path, loaded: LoadedModel, count: int) -> AdapterRegistry:
@@ -110,14 +110,19 @@ async def under_load(engine: AsyncLLMEngine, prompt: str, warm: list[str], cold:
 
 
 async def _drain(engine: AsyncLLMEngine, request_id: str, prompt: str, adapter_id: str) -> None:
-    async for _ in engine.generate(request_id, prompt, STREAMING, adapter_id):
-        pass
+    """One warm stream: 64-token requests back to back (bounded contexts: no KV pressure)."""
+    for turn in range(1_000_000):
+        async for _ in engine.generate(f"{request_id}-{turn}", prompt, STREAMING, adapter_id):
+            pass
 
 
 def scenario_engine(loaded: LoadedModel, registry: AdapterRegistry, adapter_memory: int,
                     host_memory: int) -> AsyncLLMEngine:
+    # No prefix caching: a warm repeat of the same prompt would skip its prefill, which is not
+    # what a cold adapter costs.
     config = EngineConfig(dtype=loaded.dtype, max_batch=32, kv_cache_memory=128 << 20,
-                          adapter_memory=adapter_memory, adapter_host_memory=host_memory)
+                          adapter_memory=adapter_memory, adapter_host_memory=host_memory,
+                          prefix_caching=False)
     engine = AsyncLLMEngine(LLMEngine(config, loaded, registry))
     engine.start()
     return engine
