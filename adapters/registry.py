@@ -523,3 +523,59 @@ def _discover(directory: Path) -> Iterator[tuple[str, Path]]:
             yield entry.name, entry
         elif entry.is_file() and entry.name.endswith(WEIGHTS_SUFFIX):
             yield entry.name[: -len(WEIGHTS_SUFFIX)], entry
+
+
+class RegistryReader:
+    """A read-only view of a store that another process writes (the scale-out replicas read the
+    directory the ingress's ``AdapterRegistry`` writes): it never clears ``.staging``, settles
+    markers or touches the index, so it cannot disturb an upload in flight.
+
+    Lookups go to the files, not to an index opened once: ``<id>.json`` is the commit point of an
+    upload (written last) and the first file a delete removes, so ``has_adapter`` is one ``stat``
+    and sees every adapter committed after the reader was opened, and none deleted before the
+    call. ``load_adapter`` reads and validates the weights as the registry does; ``version`` is
+    the record's (size, mtime_ns, inode), which changes when an id is deleted and uploaded again.
+    """
+
+    def __init__(self, root: Path, linear_shapes: Mapping[str, tuple[int, int]]) -> None:
+        self.root = Path(root)
+        self.linear_shapes = dict(linear_shapes)
+
+    def _path(self, adapter_id: str, suffix: str) -> Path | None:
+        if not isinstance(adapter_id, str) or not ADAPTER_ID_PATTERN.fullmatch(adapter_id) \
+                or adapter_id in (".", ".."):
+            return None
+        return self.root / (adapter_id + suffix)
+
+    def version(self, adapter_id: str) -> StatKey | None:
+        """The committed record's stat key, None when the id is not registered now."""
+        path = self._path(adapter_id, RECORD_SUFFIX)
+        try:
+            return stat_key(path.stat()) if path is not None else None
+        except FileNotFoundError:
+            return None
+
+    def has_adapter(self, adapter_id: str) -> bool:
+        return self.version(adapter_id) is not None
+
+    def __contains__(self, adapter_id: object) -> bool:
+        return isinstance(adapter_id, str) and self.has_adapter(adapter_id)
+
+    def load_adapter(self, adapter_id: str) -> CompactAdapter:
+        """Read and fully validate the weights (raises ``AdapterNotFoundError``)."""
+        weights = self._path(adapter_id, WEIGHTS_SUFFIX)
+        if weights is None or not self.has_adapter(adapter_id):
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist")
+        try:
+            return _format().load_adapter(weights, self.linear_shapes)
+        except FileNotFoundError:  # deleted between the lookup and the read
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist") from None
+
+    def records(self) -> Iterator[AdapterRecord]:
+        """The committed records, read from their files (unreadable ones are skipped)."""
+        for name in sorted(os.listdir(self.root)):
+            if name.endswith(RECORD_SUFFIX) and self._path(name[: -len(RECORD_SUFFIX)], "") is not None:
+                try:
+                    yield AdapterRecord.from_json(json.loads((self.root / name).read_text()))
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -47,6 +48,8 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.scaleout.replicas:
+        return serve_replicas(config)
     import torch
     import uvicorn
 
@@ -63,6 +66,17 @@ def serve_command(args: argparse.Namespace) -> int:
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level,
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     return 0
+
+
+def serve_replicas(config: ServerConfig) -> int:
+    """``serve --replicas N``: the same app on Ray Serve (Ray is imported only here)."""
+    if importlib.util.find_spec("ray") is None:
+        print("error: --replicas runs on Ray Serve, which is not installed: "
+              "pip install 'prolora-serve[ray]'", file=sys.stderr)
+        return 2
+    from .scaleout.deploy import serve_forever
+
+    return serve_forever(config)
 
 
 # ---- remote adapter commands ------------------------------------------------------------------

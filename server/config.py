@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -103,6 +104,12 @@ def boolean(value: Any) -> str | None:
 
 def non_negative(value: Any) -> str | None:
     return None if _is_int(value) and value >= 0 else "must be an integer >= 0"
+
+
+def positive_number(value: Any) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and value > 0
+    return None if ok else "must be a number > 0"
 
 
 def port_number(value: Any) -> str | None:
@@ -337,10 +344,43 @@ class EngineConfig:
 
 
 @dataclass
+class ScaleOutConfig:
+    """Scale-out on Ray Serve (``--replicas N``): N engine replicas behind one ingress serving the
+    same app. Unset, the server is one process and Ray is never imported (it is an optional
+    extra: ``pip install 'prolora-serve[ray]'``)."""
+
+    replicas: int | None = option(
+        None, parse=int, check=positive, optional=True, shown_default="unset: one process, no Ray",
+        help="engine replicas on Ray Serve behind one ingress; requests on an adapter go to a "
+             "replica holding it (Ray Serve model multiplexing, the adapter id as model id)")
+    ray_address: str | None = option(
+        None, parse=optional_text, optional=True, metavar="ADDR",
+        shown_default="start a local cluster on 127.0.0.1",
+        help="with --replicas: join this Ray cluster (host:port, ray://host:port or auto) instead "
+             "of starting a local one; Ray's ports belong on a private network")
+    replica_cpus: float = option(
+        1.0, parse=float, check=positive_number, metavar="X",
+        help="with --replicas: CPUs Ray reserves for each engine replica (fractions allowed); on "
+             "cuda each replica also takes one GPU")
+    replica_max_adapters: int | None = option(
+        None, parse=int, check=positive, optional=True, metavar="K",
+        shown_default="--adapter-memory over the largest registered adapter's resident bytes",
+        help="with --replicas: adapter ids each replica holds for routing (Ray Serve's "
+             "max_num_models_per_replica); keep it within what --adapter-memory holds")
+    ray_object_store_memory: int = option(
+        200 * MIB, parse=parse_size, check=positive,
+        help="with --replicas and a local cluster: the Ray object store's size")
+
+    def __post_init__(self) -> None:
+        validate_options(self)
+
+
+@dataclass
 class ServerConfig:
     """Everything ``prolora-serve serve`` needs: HTTP, the registry, keys, and the engine."""
 
     engine: EngineConfig = nested(EngineConfig)
+    scaleout: ScaleOutConfig = nested(ScaleOutConfig)
     host: str = option("127.0.0.1", help="address to bind")
     port: int = option(8000, parse=int, check=port_number, help="port to bind")
     adapter_dir: Path = option(default_factory=lambda: default_data_dir() / "adapters",

@@ -235,3 +235,15 @@ def test_prepared_identity_is_the_weights_digest_not_the_id() -> None:
     same, other = make_adapter(1), make_adapter(2)
     assert same.digest() == make_adapter(1).digest() != other.digest()
     assert same.digest() != same.to(dtype=torch.float16).digest()  # other stored bytes
+
+
+def test_a_failed_read_is_not_reused_by_a_later_prepare() -> None:
+    """A request on an id before its upload fails (404); once it is uploaded, the next request
+    reads it again instead of getting the old failure (scale-out: a replica asked about a
+    deleted id, then the id uploaded again)."""
+    cache, source = make_cache(["a"], fits=2)
+    with pytest.raises(AdapterNotFoundError):
+        cache.prepare("late").result(timeout=10)
+    source.adapters["late"] = make_adapter(5)
+    assert cache.prepare("late").result(timeout=10) == adapter_bytes(source.adapters["late"])
+    assert acquire_now(cache, "late") is not None

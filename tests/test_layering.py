@@ -25,11 +25,13 @@ LAYERS = ("adapters", "kernels", "server", "clients")  # lowest first
 # Inside server: the modules/subpackages a unit must not import (prolora_serve.server.<unit>).
 # config < engine < {api, training} < cli: the HTTP API and the trainer both sit on the engine
 # and know nothing of each other; only the console entry point (cli.py) sees all of them.
+# scaleout (Ray Serve) sits on the API and the engine: nothing below it imports it.
 SERVER_UNITS_FORBIDDEN = {
-    "config": {"engine", "api", "training", "cli"},
-    "engine": {"api", "training", "cli"},
-    "api": {"training", "cli"},
-    "training": {"api", "cli"},
+    "config": {"engine", "api", "training", "scaleout", "cli"},
+    "engine": {"api", "training", "scaleout", "cli"},
+    "api": {"training", "scaleout", "cli"},
+    "training": {"api", "scaleout", "cli"},
+    "scaleout": {"training", "cli"},
 }
 
 # (importing module, imported package) -> why this one upward import is allowed.

@@ -292,7 +292,9 @@ def capacity_json(params: Mapping[str, str], loaded: LoadedBase | None) -> dict[
 async def loaded_base(engine: EngineClient | None) -> LoadedBase | None:
     if engine is None:
         return None
-    stats = (await engine.snapshot()).stats
+    snapshot = await engine.snapshot()
+    # One device's KV cache: a scale-out deployment's sums span its replicas (server/scaleout).
+    stats = next(iter(snapshot.replicas.values())).stats if snapshot.replicas else snapshot.stats
     return LoadedBase(engine.model.name, engine.model.hf_config, engine.model.base_model_bytes,
                       stats.kv_cache_bytes)
 

@@ -124,6 +124,24 @@ def _engine_json(model: ModelInfo, snapshot: EngineSnapshot) -> dict[str, Any]:
     }
 
 
+def _replicas_json(snapshot: EngineSnapshot) -> list[dict[str, Any]]:
+    """Each engine replica of a scale-out deployment (server/scaleout): its queue, KV cache,
+    adapter cache and resident adapters (most recently used first). Empty in process."""
+    replicas = []
+    for replica_id, part in snapshot.replicas.items():
+        stats = dataclasses.asdict(part.stats)
+        resident = sorted(part.resident, key=lambda info: info.last_used, reverse=True)
+        replicas.append({
+            "id": replica_id,
+            "scheduler": _pick(stats, "num_waiting", "num_running"),
+            "kv_cache": _pick(stats, "kv_cache_bytes", "kv_blocks_total", "kv_blocks_used"),
+            "adapter_cache": _cache_json(part.stats.adapter_cache),
+            "counters": _pick(stats, "num_requests", "num_finished", "generated_tokens"),
+            "resident": [info.adapter_id for info in resident],
+        })
+    return replicas
+
+
 def _no_engine_json() -> dict[str, Any]:
     return {"model": None, "backends": None, "base_model_bytes": None, "kv_cache": None,
             "prefix_cache": None,
@@ -141,7 +159,8 @@ def dashboard_state(model: ModelInfo | None, snapshot: EngineSnapshot | None,
     state = _engine_json(model, snapshot) if running else _no_engine_json()
     return {**state, "time": time.time(), "engine_running": running,
             "num_registered": len(registry) if registry is not None else None,
-            "resident": resident, "cold": cold, "num_cold": num_cold}
+            "resident": resident, "cold": cold, "num_cold": num_cold,
+            "replicas": _replicas_json(snapshot) if snapshot is not None else []}
 
 
 @router.get("/v1/dashboard/state", summary="Live memory and adapter-cache state for the dashboard")

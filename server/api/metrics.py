@@ -70,6 +70,7 @@ class ScrapeState:
     stats: EngineStats | None = None
     num_registered: int = 0
     adapters: AdapterSeries | None = None  # None: not shown to this scrape
+    replicas: dict[str, EngineStats] = field(default_factory=dict)  # scale-out: by replica id
 
 
 class AdapterLabels:
@@ -199,6 +200,28 @@ class EngineCollector(Collector):
                                  ("misses", "prompt KV blocks looked up and not cached", queries - hits)):
             yield CounterMetricFamily(f"{PREFIX}_prefix_cache_{name}", doc, value=value)
 
+    def _replica_families(self, replicas: dict[str, EngineStats]) -> Iterator[Any]:
+        """Scale-out (server/scaleout): the unlabelled series above are the sums over the
+        replicas; these are each replica's own, labelled by its id."""
+        for kind, name, doc, value in (
+            (GaugeMetricFamily, "queue_depth", "requests waiting", lambda s: s.num_waiting),
+            (GaugeMetricFamily, "running_requests", "requests in the running batch", lambda s: s.num_running),
+            (GaugeMetricFamily, "kv_blocks_used", "KV cache blocks in use", lambda s: s.kv_blocks_used),
+            (GaugeMetricFamily, "kv_blocks_total", "KV cache blocks in total", lambda s: s.kv_blocks_total),
+            (GaugeMetricFamily, "adapters_resident", "adapters resident in the device cache",
+             lambda s: (s.adapter_cache or _NO_CACHE).num_resident),
+            (GaugeMetricFamily, "adapter_resident_bytes", "bytes of resident adapter weights",
+             lambda s: (s.adapter_cache or _NO_CACHE).used_bytes),
+            (CounterMetricFamily, "adapter_cache_loads", "adapters loaded into the device cache",
+             lambda s: (s.adapter_cache or _NO_CACHE).loads),
+            (CounterMetricFamily, "requests", "requests accepted", lambda s: s.num_requests),
+            (CounterMetricFamily, "generated_tokens", "tokens generated", lambda s: s.generated_tokens),
+        ):
+            family = kind(f"{PREFIX}_replica_{name}", f"{doc}, by engine replica", labels=["replica"])
+            for replica_id, stats in sorted(replicas.items()):
+                family.add_metric([replica_id], value(stats))
+            yield family
+
     def collect(self) -> Iterator[Any]:
         stats = self.current.stats
         if stats is None:
@@ -206,6 +229,8 @@ class EngineCollector(Collector):
         yield from self._gauges(stats, self.current.num_registered)
         yield from self._counters(stats.adapter_cache or _NO_CACHE)
         yield from self._prefix_counters(stats)
+        if self.current.replicas:
+            yield from self._replica_families(self.current.replicas)
         if self.current.adapters is not None:
             yield from _adapter_families(self.current.adapters)
 
@@ -295,6 +320,7 @@ async def get_metrics(request: Request) -> Response:
     if engine is not None:
         snapshot = await engine.snapshot()
         scrape.stats = snapshot.stats
+        scrape.replicas = {replica_id: part.stats for replica_id, part in snapshot.replicas.items()}
         series = state.metrics.adapter_series(snapshot)
         if state.config.metrics_adapter_labels == "open" or has_api_key(request):
             scrape.adapters = series

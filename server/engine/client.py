@@ -49,6 +49,9 @@ class EngineSnapshot:
     resident: list[ResidentAdapterInfo]
     # Per adapter id (None: the base model): request/token counters and running/waiting now.
     adapters: dict[str | None, AdapterTraffic] = field(default_factory=dict)
+    # A deployment over several engines (server/scaleout): each replica's own snapshot by
+    # replica id, the fields above being their sums. Empty for one engine in process.
+    replicas: dict[str, "EngineSnapshot"] = field(default_factory=dict)
 
 
 @runtime_checkable

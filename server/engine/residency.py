@@ -183,12 +183,21 @@ class AdapterCache:
                 result.set_result(entry.nbytes)
                 return result
             staged = self._staged.get(adapter_id)
+            if staged is None:
+                self._forget_failed_read(adapter_id)
             load = self._start_load(adapter_id) if staged is None else None
         if staged is not None:
             self._settle(result, adapter_id, staged, None)
         else:
             load.add_done_callback(lambda f: self._settle(result, adapter_id, None, f))
         return result
+
+    def _forget_failed_read(self, adapter_id: str) -> None:
+        """A new request reads again after a failed read: the id may have been uploaded since
+        (a request on it before its upload must not keep it unknown)."""
+        future = self._loading.get(adapter_id)
+        if future is not None and future.done() and (future.cancelled() or future.exception() is not None):
+            del self._loading[adapter_id]
 
     def _settle(self, result: Future[int], adapter_id: str, prepared: _Prepared | None,
                 load: Future[_Prepared] | None) -> None:

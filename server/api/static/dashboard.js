@@ -421,11 +421,26 @@
     body.replaceChildren(...rows);
   }
 
+  // Scale-out (serve --replicas N): one row per engine replica; hidden for one engine in process.
+  function renderReplicas(state) {
+    const replicas = state.replicas || [];
+    $("replicas").hidden = !replicas.length;
+    $("replica-count").textContent = replicas.length;
+    $("replica-table").tBodies[0].replaceChildren(...replicas.map((r) => el("tr", {"data-replica-id": r.id},
+      el("td", {}, r.id),
+      el("td", {class: "num"}, `${fmtInt(r.scheduler.num_running)} / ${fmtInt(r.scheduler.num_waiting)}`),
+      el("td", {class: "num"}, `${fmtInt(r.kv_cache.kv_blocks_used)} of ${fmtInt(r.kv_cache.kv_blocks_total)}`),
+      el("td", {class: "num"}, r.adapter_cache ? `${fmtBytes(r.adapter_cache.used_bytes)} of ${fmtBytes(r.adapter_cache.budget_bytes)}` : "—"),
+      el("td", {class: "num"}, r.adapter_cache ? fmtInt(r.adapter_cache.loads) : "—"),
+      el("td", {}, r.resident.length ? r.resident.join(", ") : "none"))));
+  }
+
   function renderState(state) {
     const pill = $("engine-pill");
     pill.dataset.state = state.engine_running ? "running" : "idle";
     pill.textContent = state.engine_running ? `serving ${state.model}` : "no engine attached";
     renderStats(state);
+    renderReplicas(state);
     $("resident-count").textContent = state.resident.length;
     $("cold-count").textContent = state.num_cold ?? state.cold.length;
     adapterRows($("resident").tBodies[0], state.resident, [
