@@ -2,7 +2,7 @@
 
 One program per (sequence, kv head). It holds the ``G = q_heads / kv_heads`` query heads that
 share the kv head as G rows of one tile, so each cached key and value is read once per kv head,
-not once per query head (GQA). The context is walked in tiles of ``BLOCK_N`` token positions;
+not once per query head (GQA). The context is walked in tiles of 16 to 64 token positions;
 each position's block is looked up in the sequence's block table, so any block size works (1,
 16, ...) and a tile may span several blocks. Softmax is online (running max and sum, float32).
 
@@ -45,8 +45,9 @@ def interpreted() -> bool:
     (triton 3.9: garbage products), so bf16 tiles are multiplied in float32 there."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-BLOCK_N = 32  # token positions per tile
+BLOCK_N = 32  # token positions per tile (tl.dot path)
 BROADCAST_MAX_G = 4  # up to 4 query heads per kv head: float32 broadcast products, no padding
+BROADCAST_ELEMENTS = 8192  # of the (G, N, D) products per tile
 MIN_BLOCK_G = 16  # more: tl.dot, which needs >= 16 rows on a GPU; unused rows are masked
 CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -111,6 +112,15 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, sca
              out.to(out_ptr.dtype.element_ty), mask=valid_g[:, None] & valid_d[None, :])
 
 
+def _broadcast_tile(block_g: int, block_d: int) -> int:
+    """Token positions per tile of the broadcast path: its (G, N, D) float32 products stay
+    within 8192 elements (64 registers a thread at 4 warps), 16 to 64 positions."""
+    n = 16
+    while n < 64 and 2 * n * block_g * block_d <= BROADCAST_ELEMENTS:
+        n *= 2
+    return n
+
+
 def paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor,
                  scale: float) -> torch.Tensor:
@@ -131,6 +141,9 @@ def paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
         return out
     group = q_heads // kv_heads
     use_dot = group > BROADCAST_MAX_G
+    block_g = max(MIN_BLOCK_G if use_dot else 2, triton.next_power_of_2(group))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n = BLOCK_N if use_dot else _broadcast_tile(block_g, block_d)
     _paged_decode_kernel[(num_seqs, kv_heads)](
         q, key_cache, value_cache, out, tables, context_lens, float(scale),
         group, head_dim, block_size,
@@ -138,8 +151,7 @@ def paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         tables.stride(0),
-        BLOCK_G=max(MIN_BLOCK_G if use_dot else 1, triton.next_power_of_2(group)),
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=BLOCK_N,
+        BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
         USE_DOT=use_dot, DOT_F32=key_cache.dtype == torch.float32 or (
             key_cache.dtype == torch.bfloat16 and interpreted()))
     return out

@@ -11,15 +11,20 @@ The tables live in ``DeviceSlotTables``: device tensors rewritten in place when 
 changes, so a captured CUDA graph replays against newly loaded adapters without re-capture.
 
 Semantics, for row t with slot a = row_slots[t] (a table row with present = 1; other rows,
-NO_ADAPTER among them, are left untouched), x: (T, h), y: (T, o), z: (T, rank_capacity) f32:
-    shrink:  z[t, k]     = sum_{i<m} sum_{j<cA, i*cA+j<h} x[t, i*cA + j] * A0_a[(k + i*sA) % R, j]  (k < R)
-             z[t, R + q] = sum_{c<h} Au_a[q, c] * x[t, c]                                          (q < u)
+NO_ADAPTER among them, are left untouched), x: (T, h), y: (T, o):
+    shrink:  z[t, k]     = sum_{c<h} x[t, c] * A0_a[(k + (c // cA)*sA) % R, c % cA]   (k < R)
+             z[t, R + q] = sum_{c<h} Au_a[q, c] * x[t, c]                             (q < u)
+             (column c = i*cA + j of chunk i; the zero padding of x to m*cA adds nothing)
     expand:  y[t, i*cB + j] += scale_a * ( sum_{k<R} B0t_a[(k + i*sB) % R, j] * z[t, k]
                                            + sum_{q<u} But_a[q, i*cB + j] * z[t, R + q] )  (i*cB+j < o)
     A0_a (R, cA), B0t_a (R, cB), Au_a (u, h), But_a (u, o): the pool's tensors of slot a, in the
     pool dtype, accumulated in float32; scale_a = alpha_a / r_a.
-Grids: shrink (T,), expand (T, ceil(o / BLOCK_O)). Checked on the CPU under TRITON_INTERPRET=1
-against ``reference.ReferenceBackend`` (float64).
+Grids: shrink (T, S = ceil(h / BLOCK_J)): program (t, s) sums over its BLOCK_J input columns
+only, for every rank of row t, into z_part (T, S, rank_capacity) float32; expand (T, ceil(o /
+BLOCK_O)) adds z_part over s in a fixed order (deterministic, no atomics) before using it. So
+a decode row's shrink runs as S programs of one or two tile loads each, not one program
+walking h. Checked on the CPU under TRITON_INTERPRET=1 against ``reference.ReferenceBackend``
+(float64).
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ from .metadata import AdapterBatch
 from .pool import AdapterWeightPool
 
 BLOCK_K = 16  # ranks per tile
-BLOCK_J = 64  # input features per tile (shrink)
-BLOCK_O = 64  # output features per program (expand)
+BLOCK_J = 128  # input features per shrink program (the column split)
+BLOCK_O = 64  # output features per expand program
+BLOCK_S = 32  # column splits summed per tile by the expand
 MIN_SLOTS = 16  # table rows allocated at first; doubled when a larger slot appears
 MIN_RANK_CAPACITY = 16  # width of the z buffer; doubled when a larger rank appears
 NUM_FIELDS = len(TABLE_FIELDS)
@@ -44,10 +50,12 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 
 @triton.jit
-def _slot_shrink_kernel(x_ptr, row_slots_ptr, table_ptr, z_ptr, h, stride_x, stride_z,
+def _slot_shrink_kernel(x_ptr, row_slots_ptr, table_ptr, z_ptr, h, stride_x, stride_zt, stride_zs,
                         W: tl.constexpr, NUM_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_J: tl.constexpr):
+    """Program (t, s): row t's partial sums over input columns [s*BLOCK_J, (s+1)*BLOCK_J)."""
     t = tl.program_id(0)
+    split = tl.program_id(1)
     slot = tl.load(row_slots_ptr + t)
     entry = table_ptr + tl.maximum(slot, 0) * NUM_FIELDS
     present = (slot >= 0) & (tl.load(entry) != 0)
@@ -56,45 +64,49 @@ def _slot_shrink_kernel(x_ptr, row_slots_ptr, table_ptr, z_ptr, h, stride_x, str
         au = tl.load(entry + 3).to(tl.pointer_type(W))
         shared_r = tl.load(entry + 5)
         unshared_r = tl.load(entry + 6)
-        reduce_a = tl.load(entry + 7)
         chunk_a = tl.load(entry + 9)
         stride_a = tl.load(entry + 11)
+        cols = split * BLOCK_J + tl.arange(0, BLOCK_J)
+        valid_c = cols < h
+        xv = tl.load(x_ptr + t * stride_x + cols, mask=valid_c, other=0.0).to(tl.float32)
+        chunk = cols // chunk_a  # column c = chunk * cA + within multiplies A0 row (k + chunk*sA) % R
+        within = cols % chunk_a
         offs_k = tl.arange(0, BLOCK_K)
-        offs_j = tl.arange(0, BLOCK_J)
-        x_row = x_ptr + t * stride_x
-        z_row = z_ptr + t * stride_z
+        z_out = z_ptr + t * stride_zt + split * stride_zs
         for k0 in range(0, shared_r, BLOCK_K):
             k = k0 + offs_k
             valid_k = k < shared_r
-            acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for i in range(0, reduce_a):
-                source = (k + i * stride_a) % shared_r
-                for j0 in range(0, chunk_a, BLOCK_J):
-                    cols = j0 + offs_j
-                    in_chunk = cols < chunk_a
-                    xv = tl.load(x_row + i * chunk_a + cols,
-                                 mask=in_chunk & (i * chunk_a + cols < h), other=0.0)
-                    w = tl.load(a0 + source[:, None] * chunk_a + cols[None, :],
-                                mask=valid_k[:, None] & in_chunk[None, :], other=0.0)
-                    acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
-            tl.store(z_row + k, acc, mask=valid_k)
+            source = (k[:, None] + chunk[None, :] * stride_a) % shared_r
+            w = tl.load(a0 + source * chunk_a + within[None, :],
+                        mask=valid_k[:, None] & valid_c[None, :], other=0.0)
+            tl.store(z_out + k, tl.sum(w.to(tl.float32) * xv[None, :], axis=1), mask=valid_k)
         for q0 in range(0, unshared_r, BLOCK_K):
             q = q0 + offs_k
             valid_q = q < unshared_r
-            acc_u = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for c0 in range(0, h, BLOCK_J):
-                cols = c0 + offs_j
-                xv = tl.load(x_row + cols, mask=cols < h, other=0.0)
-                w = tl.load(au + q[:, None] * h + cols[None, :],
-                            mask=valid_q[:, None] & (cols[None, :] < h), other=0.0)
-                acc_u += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
-            tl.store(z_row + shared_r + q, acc_u, mask=valid_q)
+            w = tl.load(au + q[:, None] * h + cols[None, :],
+                        mask=valid_q[:, None] & valid_c[None, :], other=0.0)
+            tl.store(z_out + shared_r + q, tl.sum(w.to(tl.float32) * xv[None, :], axis=1),
+                     mask=valid_q)
 
 
 @triton.jit
-def _slot_expand_kernel(z_ptr, row_slots_ptr, table_ptr, scales_ptr, y_ptr, o, stride_z,
-                        stride_y, W: tl.constexpr, NUM_FIELDS: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr):
+def _sum_splits(z_row, num_splits, stride_zs, k, valid_k, BLOCK_S: tl.constexpr):
+    """z[k] of one row: the shrink's partial sums added over its column splits, in order."""
+    total = tl.zeros(k.shape, dtype=tl.float32)
+    offs_s = tl.arange(0, BLOCK_S)
+    for s0 in range(0, num_splits, BLOCK_S):
+        splits = s0 + offs_s
+        part = tl.load(z_row + splits[:, None] * stride_zs + k[None, :],
+                       mask=(splits < num_splits)[:, None] & valid_k[None, :], other=0.0)
+        total += tl.sum(part, axis=0)
+    return total
+
+
+@triton.jit
+def _slot_expand_kernel(z_ptr, row_slots_ptr, table_ptr, scales_ptr, y_ptr, o, num_splits,
+                        stride_zt, stride_zs, stride_y, W: tl.constexpr, NUM_FIELDS: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program (t, b): row t's outputs [b*BLOCK_O, (b+1)*BLOCK_O), added into y in place."""
     t = tl.program_id(0)
     slot = tl.load(row_slots_ptr + t)
     entry = table_ptr + tl.maximum(slot, 0) * NUM_FIELDS
@@ -111,22 +123,22 @@ def _slot_expand_kernel(z_ptr, row_slots_ptr, table_ptr, scales_ptr, y_ptr, o, s
         chunk = offs_o // chunk_b
         within = offs_o % chunk_b
         offs_k = tl.arange(0, BLOCK_K)
-        z_row = z_ptr + t * stride_z
+        z_row = z_ptr + t * stride_zt
         acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
         for k0 in range(0, shared_r, BLOCK_K):
             k = k0 + offs_k
             valid_k = k < shared_r
+            zv = _sum_splits(z_row, num_splits, stride_zs, k, valid_k, BLOCK_S)
             source = (k[None, :] + chunk[:, None] * stride_b) % shared_r
             b = tl.load(b0t + source * chunk_b + within[:, None],
                         mask=valid_o[:, None] & valid_k[None, :], other=0.0)
-            zv = tl.load(z_row + k, mask=valid_k, other=0.0)
             acc += tl.sum(b.to(tl.float32) * zv[None, :], axis=1)
         for q0 in range(0, unshared_r, BLOCK_K):
             q = q0 + offs_k
             valid_q = q < unshared_r
+            sv = _sum_splits(z_row, num_splits, stride_zs, shared_r + q, valid_q, BLOCK_S)
             bu = tl.load(but + q[None, :] * o + offs_o[:, None],
                          mask=valid_o[:, None] & valid_q[None, :], other=0.0)
-            sv = tl.load(z_row + shared_r + q, mask=valid_q, other=0.0)
             acc += tl.sum(bu.to(tl.float32) * sv[None, :], axis=1)
         scale = tl.load(scales_ptr + slot)
         y_row = y_ptr + t * stride_y + offs_o
@@ -218,13 +230,16 @@ def slot_apply(y: torch.Tensor, x: torch.Tensor, row_slots: torch.Tensor, entrie
         x = x.contiguous()
     if y.stride(1) != 1:
         raise ValueError("the expand kernel adds into y in place: its rows must be contiguous")
-    z = torch.empty(rows, rank_capacity, dtype=torch.float32, device=x.device)
+    splits = triton.cdiv(in_features, BLOCK_J)
+    z = torch.empty(rows, splits, rank_capacity, dtype=torch.float32, device=x.device)
     w = _TL_DTYPES[weight_dtype]
-    _slot_shrink_kernel[(rows,)](x, row_slots, entries, z, in_features, x.stride(0), z.stride(0),
-                                 W=w, NUM_FIELDS=NUM_FIELDS, BLOCK_K=BLOCK_K, BLOCK_J=BLOCK_J)
+    _slot_shrink_kernel[(rows, splits)](x, row_slots, entries, z, in_features, x.stride(0),
+                                        z.stride(0), z.stride(1), W=w, NUM_FIELDS=NUM_FIELDS,
+                                        BLOCK_K=BLOCK_K, BLOCK_J=BLOCK_J)
     _slot_expand_kernel[(rows, triton.cdiv(out_features, BLOCK_O))](
-        z, row_slots, entries, scales, y, out_features, z.stride(0), y.stride(0),
-        W=w, NUM_FIELDS=NUM_FIELDS, BLOCK_K=BLOCK_K, BLOCK_O=BLOCK_O)
+        z, row_slots, entries, scales, y, out_features, splits, z.stride(0), z.stride(1),
+        y.stride(0), W=w, NUM_FIELDS=NUM_FIELDS, BLOCK_K=BLOCK_K, BLOCK_O=BLOCK_O,
+        BLOCK_S=BLOCK_S)
 
 
 class TritonBackend:

@@ -21,8 +21,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (r, u, m, n) on top of test_kernels.CONFIGS (u = 0, u = r, m = 1, R < m, dims not divisible by
 # m or n): a rank past one 16-rank tile with both parts, and the paper's LLaMA pair's shape.
 WIDE_CONFIGS = CONFIGS + [(19, 3, 2, 5), (32, 4, 7, 7)]
-# awkward modules: h, o not divisible by 7, 5, 4, 3, 2; o below one 64-wide expand tile and past it
-WIDE_MODULES = {**MODULES, "model.layers.1.mlp.up_proj": (71, 130)}
+# awkward modules: h, o not divisible by 7, 5, 4, 3, 2; o below one 64-wide expand tile and past
+# it; h past one 128-column shrink split (3 splits, a chunk straddling two splits)
+WIDE_MODULES = {**MODULES, "model.layers.1.mlp.up_proj": (71, 130),
+                "model.layers.1.mlp.down_proj": (301, 37)}
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +132,24 @@ def test_slot_tables_are_rewritten_in_place_when_adapters_come_and_go() -> None:
     pool.load(41, make_adapter(24, 0, 1, 1, alpha=1.0, seed=41))  # rank 24 > 16
     backend.launch(y2, x, pool, module, row_slots)
     assert tables.layout_version == layout + 2 and tables.rank_capacity == 32
+
+
+def test_more_column_splits_than_one_expand_tile_sums() -> None:
+    """h = 4301: 34 shrink splits, more than the 32 the expand adds per tile."""
+    module = "model.layers.2.mlp.down_proj"
+    pool = AdapterWeightPool(DEVICE)
+    for slot, (r, u, m, n) in enumerate([(8, 1, 7, 7), (4, 4, 1, 1), (19, 3, 2, 5)]):
+        pool.load(slot, make_adapter(r, u, m, n, alpha=4.0, seed=slot, modules={module: (4301, 9)}))
+    gen = torch.Generator().manual_seed(5)
+    slots = [2, NO_ADAPTER, 0, 1]
+    x, y = torch.randn(4, 4301, generator=gen), torch.randn(4, 9, generator=gen)
+    fast, expected = y.to(DEVICE), y.double()
+    get_backend("triton").apply(fast, x.to(DEVICE), pool, module, build_adapter_batch(slots, DEVICE))
+    cpu_pool = pool
+    if DEVICE != "cpu":
+        cpu_pool = AdapterWeightPool("cpu")
+        for slot, (r, u, m, n) in enumerate([(8, 1, 7, 7), (4, 4, 1, 1), (19, 3, 2, 5)]):
+            cpu_pool.load(slot, make_adapter(r, u, m, n, alpha=4.0, seed=slot, modules={module: (4301, 9)}))
+    get_backend("reference").apply(expected, x.double(), cpu_pool, module, build_adapter_batch(slots))
+    assert_close_for_dtype(fast.cpu(), expected, torch.float32)
+
