@@ -145,9 +145,10 @@ def test_decoder_is_chosen_by_device_and_dtype() -> None:
     for device, dtype, name, run in (("cpu", torch.float32, "cpu", fused_cpu_decode_attention),
                                      ("cpu", torch.bfloat16, "cpu", fused_cpu_decode_attention),
                                      ("cpu", torch.float64, "sdpa", sdpa_decode_attention),
-                                     ("cuda", torch.float16, "sdpa", sdpa_decode_attention)):
+                                     ("cuda", torch.float64, "sdpa", sdpa_decode_attention)):
         chosen = get_decode_attention(device, dtype)
         assert chosen.name == name and chosen.run is run
+    assert get_decode_attention("cuda", torch.float16).name == "triton"  # tests/test_kernels_triton_attention.py
     assert KVCache(1, 2, 4, 1, 8, dtype=torch.float16).decode_attention.name == "cpu"
 
 
