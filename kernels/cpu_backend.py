@@ -94,4 +94,11 @@ class CpuBackend:
         if table is None:
             return
         # The binding widens x to contiguous float32 and checks y (a contiguous float32 output).
-        self.kernel.gathered_apply(y, x, batch.row_slots, table.entries, table.scales, code)
+        if y.dtype == torch.float32:
+            self.kernel.gathered_apply(y, x, batch.row_slots, table.entries, table.scales, code)
+            return
+        # 16-bit activations (a bf16/fp16 base): the deltas are summed in float32, then added
+        # to the 16-bit output once, as a float32 kernel would round them.
+        delta = torch.zeros(y.shape, dtype=torch.float32)
+        self.kernel.gathered_apply(delta, x, batch.row_slots, table.entries, table.scales, code)
+        y.add_(delta)

@@ -11,6 +11,7 @@ from .metadata import AdapterBatch
 from .pool import AdapterWeightPool
 
 BACKEND_NAMES = ("auto", "cpu", "torch", "triton", "reference")
+CPU_KERNEL_ACTIVATIONS = (torch.float32, torch.bfloat16, torch.float16)  # cpu_backend.py
 log = logging.getLogger(__name__)
 
 
@@ -32,13 +33,14 @@ def triton_available() -> bool:
 
 def get_backend(name: str = "auto", device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> AdapterBackend:
-    """Pick the backend once: Triton on CUDA devices, the fused C++ path for float32 on the CPU
-    (the pure torch path for other dtypes, or where no compiler is available)."""
+    """Pick the backend once: Triton on CUDA devices, the fused C++ path on the CPU for float32,
+    bfloat16 and float16 activations (the torch path for other dtypes, or where no compiler is
+    available)."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown adapter backend {name!r}; choose one of {BACKEND_NAMES}")
     if name == "auto" and torch.device(device).type == "cuda":
         name = "triton" if triton_available() else "torch"
-    if name == "auto" and dtype != torch.float32:
+    if name == "auto" and dtype not in CPU_KERNEL_ACTIVATIONS:
         name = "torch"
     if name == "auto":
         try:

@@ -214,7 +214,8 @@ def test_get_backend_rejects_unknown_name() -> None:
     with pytest.raises(ValueError, match="unknown adapter backend"):
         get_backend("cuda-magic")
     assert get_backend("auto", "cpu").name == "cpu"
-    assert get_backend("auto", "cpu", torch.bfloat16).name == "torch"
+    assert get_backend("auto", "cpu", torch.bfloat16).name == "cpu"  # 16-bit activations too
+    assert get_backend("auto", "cpu", torch.float64).name == "torch"
     with pytest.raises(TypeError, match="float32"):
         pool = AdapterWeightPool(dtype=torch.float64)
         pool.load(0, make_adapter(4, 1, 2, 2, 4.0, seed=0))
@@ -236,6 +237,22 @@ def test_cpu_backend_reads_16bit_pools(pool_dtype: torch.dtype, kind: str, rows:
     for module in MODULES:
         fast, expected = run_both(pool, slots, module, torch.float32, backend="cpu")
         assert_close_for_dtype(fast, expected, torch.float32)
+
+
+@pytest.mark.parametrize("activations", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["distinct", "zipf"])
+@pytest.mark.parametrize("rows", [1, 33])
+def test_cpu_backend_serves_16bit_activations(activations: torch.dtype, kind: str, rows: int) -> None:
+    """A bf16/fp16 base on the CPU: the fused kernel sums the deltas in float32 and adds them to
+    the 16-bit output once; against the float64 reference within that dtype's tolerance."""
+    pool = AdapterWeightPool(dtype=activations)
+    for slot, (r, u, m, n) in enumerate(CONFIGS):
+        pool.load(slot, make_adapter(r, u, m, n, alpha=4.0, seed=slot))
+    slots = with_gaps(popularity(kind, rows, len(CONFIGS), random.Random(rows)), random.Random(2))
+    for module in MODULES:
+        fast, expected = run_both(pool, slots, module, activations, backend="cpu")
+        assert fast.dtype == activations
+        assert_close_for_dtype(fast, expected, activations)
 
 
 @settings(max_examples=25, deadline=None)
