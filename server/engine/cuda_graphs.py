@@ -251,6 +251,7 @@ class DecodeGraphs:
                               runner.kv_cache)
         return runner.model.compute_logits(hidden)
 
+    @torch.inference_mode()
     def run(self, rows: Sequence[DecodeRow]) -> torch.Tensor | None:
         """Logits (len(rows), V) float32 of a decode step, or None past the largest bucket."""
         bucket = bucket_for(len(rows), self.buckets)
