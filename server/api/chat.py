@@ -155,7 +155,6 @@ class ChatWriter:
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-             response_model_exclude_none=False,
              responses={200: {"content": {"text/event-stream": {}}}})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
     state = serving_state(request)
