@@ -127,6 +127,8 @@ def run(engine: LLMEngine, requests: list[Request], max_steps: int = 2000,
                 engine.add_request(r.request_id, r.prompt, r.params, r.adapter)
         for output in engine.step():
             collect(results[output.request_id], output)
+        if not engine.last_step_ran:  # waiting on an adapter read: give the loader thread time
+            time.sleep(0.002)
         if batch_sizes is not None:
             batch_sizes.append(engine.stats().last_batch_size)
         if step >= max(r.arrival_step for r in requests) and not engine.has_work():
