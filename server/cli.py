@@ -161,6 +161,8 @@ BENCHMARKS = {
                  "adapter registry: open time, RSS and queries with 10 to 10,000 adapters"),
     "device": ("prolora_serve.server.engine.bench_device",
                "the GPU path on one H100/H200: GPU tests, tokens/s, kernels vs bytes floors"),
+    "layers7b": ("prolora_serve.server.engine.bench_layers7b",
+                 "LLaMA2-7B layer shapes: PRoLoRA r=32 u=4 against LoRA r=16 at 32 adapters"),
 }
 
 
