@@ -163,6 +163,8 @@ BENCHMARKS = {
                "the GPU path on one H100/H200: GPU tests, tokens/s, kernels vs bytes floors"),
     "layers7b": ("prolora_serve.server.engine.bench_layers7b",
                  "LLaMA2-7B layer shapes: PRoLoRA r=32 u=4 against LoRA r=16 at 32 adapters"),
+    "ray": ("prolora_serve.server.scaleout.bench",
+            "Ray Serve scale-out: adapter loads and tokens/s, multiplexed vs plain routing"),
 }
 
 

@@ -150,6 +150,100 @@ def test_replica_errors_travel_as_data_with_their_fields() -> None:
         assert getattr(rebuilt, "param", None) == getattr(error, "param", None)
 
 
+class _FakeStream:
+    """A DeploymentResponseGenerator stand-in: yields ``items``, raising any exception among them."""
+
+    def __init__(self, items: list) -> None:
+        self.items, self.cancelled = list(items), False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _FakeHandle:
+    """The replicas' handle: each ``generate.remote`` call gets the next scripted stream."""
+
+    def __init__(self, scripts: list[list]) -> None:
+        self.scripts, self.streams, self.options_seen = list(scripts), [], []
+        self.generate = self
+
+    def options(self, **options):
+        self.options_seen.append(options)
+        return self
+
+    def remote(self, *args):
+        self.streams.append(_FakeStream(self.scripts.pop(0)))
+        return self.streams[-1]
+
+
+def _output(text: str, finished: bool):
+    from prolora_serve.server.engine.engine import RequestOutput
+
+    return RequestOutput("r", text, [1], finished, "length" if finished else None, [], [1], None, 1, 1)
+
+
+def _ray_client(handle):
+    pytest.importorskip("ray")
+    from prolora_serve.server.scaleout.protocol import ReplicaDescription
+    from prolora_serve.server.scaleout.ray_client import RayEngineClient
+
+    client = RayEngineClient(handle, ReplicaDescription(model=None, tokenizer=None), retries=2)
+    client.start()
+    return client
+
+
+def _collect(client, adapter_id=None) -> list[str]:
+    import asyncio
+
+    from prolora_serve.server.engine.sampling import SamplingParams
+
+    async def run():
+        return [o.text async for o in client.generate("r", [1], SamplingParams(max_tokens=2), adapter_id)]
+    return asyncio.run(run())
+
+
+def test_a_replica_gone_before_streaming_is_retried_after_is_a_503(monkeypatch) -> None:
+    pytest.importorskip("ray")
+    from ray.exceptions import ActorDiedError
+
+    from prolora_serve.server.scaleout import ray_client
+
+    monkeypatch.setattr(ray_client, "RETRY_BACKOFF_S", 0.0)
+
+    from prolora_serve.adapters.registry import AdapterNotFoundError
+    from prolora_serve.server.scaleout.protocol import ReplicaFailed, ReplicaStarted
+    from prolora_serve.server.scaleout.ray_client import ReplicaUnavailableError
+
+    started = ReplicaStarted("r1")
+    handle = _FakeHandle([[started, ActorDiedError()], [ReplicaStarted("r2"), _output("a", False), _output("b", True)]])
+    assert _collect(_ray_client(handle), "alpha") == ["a", "b"]  # resent: nothing had streamed
+    assert {"multiplexed_model_id": "alpha"} in handle.options_seen
+    assert not handle.streams[1].cancelled
+
+    handle = _FakeHandle([[started, _output("a", False), ActorDiedError()]])
+    with pytest.raises(ReplicaUnavailableError, match="replica r1 stopped while serving"):
+        _collect(_ray_client(handle))
+    handle = _FakeHandle([[started, ActorDiedError()]] * 3)
+    with pytest.raises(ReplicaUnavailableError):
+        _collect(_ray_client(handle))
+    assert len(handle.streams) == 3  # the first try and two retries
+
+    error = ReplicaFailed.of(AdapterNotFoundError("adapter 'x' does not exist"))
+    with pytest.raises(AdapterNotFoundError, match="'x' does not exist"):
+        _collect(_ray_client(_FakeHandle([[started, error]])))
+
+
 # --- one cluster: two replicas and the ingress ------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as sock:

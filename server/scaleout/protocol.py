@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.client import EngineSnapshot, ModelInfo
@@ -29,6 +29,7 @@ class ReplicaIdentity:
     pid: int
     max_adapters: int  # Ray Serve's max_num_models_per_replica for this replica
     routing_evictions: int  # ids Ray's multiplexed LRU dropped here (it frees no weights)
+    routing_ids: list[str] = field(default_factory=list)  # ids Ray routes here (its LRU)
 
 
 @dataclass(frozen=True)

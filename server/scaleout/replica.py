@@ -15,8 +15,9 @@ request uses. The rule:
   for the pool), and Ray dropping an id from its list (``RoutedAdapter.__del__``) frees nothing,
   so Ray can never evict weights a running request holds;
 - K is what the byte budget holds: ``--replica-max-adapters``, else ``--adapter-memory`` over
-  the resident bytes of the largest adapter registered when the replica starts (a LoRA r=16 on
-  every projection when there is none). Both LRUs see the same requests in the same order, and
+  the resident bytes of the largest adapter registered at the replica's first adapter request
+  (a LoRA r=16 on every projection when there is none). Adapters of very different sizes, or
+  much larger ones uploaded later, call for ``--replica-max-adapters``. Both LRUs see the same requests in the same order, and
   K of the largest adapters fit the budget at once, so every id Ray lists for a replica is one
   whose weights that replica's engine still holds (or is reading), and the engine evicts only
   what Ray has already dropped (the reverse of the first point).
@@ -133,18 +134,34 @@ class EngineReplica:
         self.source.reader = RegistryReader(config.adapter_dir, self.engine.model.linear_shapes)
         self.engine.start()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.max_adapters = routing_capacity(config, self.engine, self.source.reader)
+        self._config = config
+        self.max_adapters: int | None = config.scaleout.replica_max_adapters  # K, once known
         self.routing_evictions = 0  # ids Ray's LRU dropped (bookkeeping only: nothing is freed)
+        self._route_adapter: Callable[[str], Any] | None = None  # made on the first adapter request
+        log.info("engine replica %s (pid %d): %s", self.replica_id, os.getpid(), self.engine.model.name)
 
-        async def prepare(adapter_id: str) -> RoutedAdapter:
-            nbytes = await asyncio.wrap_future(self.engine.engine.prepare_adapter(adapter_id))
-            return RoutedAdapter(adapter_id, nbytes, self._routing_dropped)
+    def _routing_capacity(self) -> int:
+        if self.max_adapters is None:
+            self.max_adapters = routing_capacity(self._config, self.engine, self.source.reader)
+        return self.max_adapters
 
-        # Made here, not on the class, so K can follow this replica's budget (Ray Serve finds a
-        # multiplexed function stored on the instance).
-        self._route_adapter = serve.multiplexed(max_num_models_per_replica=self.max_adapters)(prepare)
-        log.info("engine replica %s (pid %d): %s, routing holds up to %d adapters",
-                 self.replica_id, os.getpid(), self.engine.model.name, self.max_adapters)
+    def _router_list(self) -> Callable[[str], Any]:
+        """Ray Serve's multiplexed loader for this replica, made on the first request on an
+        adapter: K is sized from the adapters registered then (the ingress registers
+        ``--register`` directories after the replicas start), so it is made on the instance,
+        not on the class (Ray Serve finds a multiplexed function stored on the instance)."""
+        if self._route_adapter is None:
+            from ray import serve
+
+            async def prepare(adapter_id: str) -> RoutedAdapter:
+                nbytes = await asyncio.wrap_future(self.engine.engine.prepare_adapter(adapter_id))
+                return RoutedAdapter(adapter_id, nbytes, self._routing_dropped)
+
+            capacity = self._routing_capacity()
+            self._route_adapter = serve.multiplexed(max_num_models_per_replica=capacity)(prepare)
+            log.info("engine replica %s: Ray's routing list holds up to %d adapters",
+                     self.replica_id, capacity)
+        return self._route_adapter
 
     def _routing_dropped(self, adapter_id: str) -> None:
         self.routing_evictions += 1
@@ -164,7 +181,7 @@ class EngineReplica:
             if adapter_id is not None:
                 await self._forget_if_stale(adapter_id)
                 if serve.get_multiplexed_model_id() == adapter_id:
-                    await self._route_adapter(adapter_id)
+                    await self._router_list()(adapter_id)
             async for output in self.engine.generate(request_id, prompt_ids, params, adapter_id):
                 yield output
         except REQUEST_ERRORS as err:  # the request's own error (a 4xx, a stopped engine)
@@ -202,9 +219,20 @@ class EngineReplica:
     async def describe(self) -> ReplicaDescription:
         return ReplicaDescription(self.engine.model, self.engine.tokenizer)
 
+    def routing_ids(self) -> list[str]:
+        """The ids Ray Serve's multiplexed LRU holds here, least recent first (what the router
+        sends here). Read from Ray's wrapper, a private structure: empty if it moved."""
+        if self._route_adapter is None:
+            return []
+        wrapper = getattr(getattr(self._route_adapter, "__wrapped__", None),
+                          "__serve_multiplex_wrapper", None)
+        return list(getattr(wrapper, "models", {}))
+
     async def identify(self) -> ReplicaIdentity:
-        return ReplicaIdentity(self.replica_id, os.getpid(), self.max_adapters,
-                               self.routing_evictions)
+        capacity = self.max_adapters if self.max_adapters is not None else \
+            routing_capacity(self._config, self.engine, self.source.reader)  # not fixed yet
+        return ReplicaIdentity(self.replica_id, os.getpid(), capacity, self.routing_evictions,
+                               self.routing_ids())
 
     async def snapshot(self) -> ReplicaSnapshot:
         return ReplicaSnapshot(self.replica_id, await self.engine.snapshot())
