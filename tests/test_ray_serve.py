@@ -351,6 +351,48 @@ def _text(raw) -> str:
 
 
 @pytest.mark.ray
+def test_serve_replicas_command_end_to_end(tiny_llama_dir, tmp_path, adapter_files) -> None:
+    """``prolora-serve serve --replicas 2`` as a user runs it: --register, both replicas, the
+    header, Ctrl-C stops Serve and the cluster (exit 0). Runs before the module's cluster."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("Ray is not installed (the ray extra)")
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "demo-a.safetensors").write_bytes(adapter_files["alpha"].read_bytes())
+    port = _free_port()
+    command = [str(Path(sys.executable).with_name("prolora-serve")), "serve", "--replicas", "2",
+               "--replica-cpus", "0.5", "--model", str(tiny_llama_dir), "--dtype", "fp32",
+               "--port", str(port), "--adapter-dir", str(tmp_path / "store"), "--register", str(demo),
+               "--kv-cache-memory", "8MiB", "--adapter-memory", "8MiB", "--threads", "1",
+               "--log-level", "warning"]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until(lambda: process.poll() is None and
+                    httpx.get(f"{url}/health", timeout=5).status_code == 200,
+                    CLUSTER_START_S, "serve --replicas became healthy")
+        assert [a["id"] for a in httpx.get(f"{url}/adapters", timeout=30).json()["data"]] == ["demo-a"]
+        response = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": "demo-a", "prompt": PROMPT, "max_tokens": 3, "ignore_eos": True})
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
+        assert response.headers["x-prolora-replica"]
+        assert len(httpx.get(f"{url}/v1/dashboard/state", timeout=30).json()["replicas"]) == 2
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert process.returncode == 0, log.read_text()[-3000:]
+    assert (tmp_path / "store" / "demo-a.safetensors").is_file()
+
+
+@pytest.mark.ray
 def test_cluster_starts_in_bounded_time_bound_to_loopback(cluster) -> None:
     import ray
 

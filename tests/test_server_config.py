@@ -131,7 +131,8 @@ def test_kv_cache_dtype_is_validated_resolved_and_sizes_the_cache() -> None:
 from prolora_serve.server import config as settings  # noqa: E402
 
 # Settings that accept any text at start-up (a model path, a host, a key) have no bad value.
-FREE_TEXT = {"model", "host", "adapter_dir", "cache_dir", "api_key", "admin_key", "url"}
+FREE_TEXT = {"model", "host", "adapter_dir", "cache_dir", "api_key", "admin_key", "url",
+             "ray_address"}
 
 
 def _bad_texts(opt: settings.Option) -> list[str]:
@@ -142,6 +143,8 @@ def _bad_texts(opt: settings.Option) -> list[str]:
         return ["lots", "0"] if opt.check is settings.positive else ["lots", "-1"]
     if opt.parse is int:
         return ["x", "0" if opt.check is settings.positive else "70000"]
+    if opt.parse is float:
+        return ["x", "0", "nan"] if opt.check is settings.positive_number else ["x"]
     if opt.parse is settings.parse_bool:
         return ["maybe"]
     if opt.check in (settings.existing_directories, settings.existing_directory):
