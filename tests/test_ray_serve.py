@@ -71,28 +71,33 @@ def test_scaleout_options_are_declared_once() -> None:
             ServerConfig.from_options(**bad)
 
 
-def test_merged_snapshot_sums_replicas_and_keeps_each() -> None:
+def _replica_snapshot(waiting: int, resident: list[tuple[str, int, float]], loads: int):
+    """One replica's EngineSnapshot: ``resident`` as (adapter id, in use, last used)."""
     from prolora_serve.server.engine.client import EngineSnapshot
     from prolora_serve.server.engine.engine import EngineStats
     from prolora_serve.server.engine.residency import AdapterCacheStats, LoadTimes, ResidentAdapterInfo
     from prolora_serve.server.engine.scheduler import AdapterTraffic
+
+    times = LoadTimes()
+    times.observe(0.01 * loads)
+    cache = AdapterCacheStats(100, 10 * len(resident), len(resident), 0, 5, 1, loads, 0,
+                              load_times={"a": times})
+    stats = EngineStats(num_waiting=waiting, num_running=1, last_batch_size=1,
+                        last_batch_tokens=1, kv_blocks_total=64, kv_blocks_used=waiting,
+                        kv_blocks_cached=0, prefix_cache_hits=0, prefix_cache_queries=0,
+                        kv_cache_bytes=1000, base_model_bytes=500, adapter_cache=cache,
+                        num_requests=3, num_finished=2, num_aborted=0, num_preemptions=0,
+                        num_steps=7, prompt_tokens=10, generated_tokens=20,
+                        schedule_seconds=0.5, forward_seconds=1.0, postprocess_seconds=0.25)
+    infos = [ResidentAdapterInfo(i, 10, 5, t, n, {"r": 2}) for i, n, t in resident]
+    traffic = {"a": AdapterTraffic(requests=2, running=1), None: AdapterTraffic(requests=1)}
+    return EngineSnapshot(stats, infos, traffic)
+
+
+def test_merged_snapshot_sums_replicas_and_keeps_each() -> None:
     from prolora_serve.server.scaleout.aggregate import merge_snapshots
 
-    def part(waiting: int, resident: list[tuple[str, int, float]], loads: int) -> EngineSnapshot:
-        times = LoadTimes()
-        times.observe(0.01 * loads)
-        cache = AdapterCacheStats(100, 10 * len(resident), len(resident), 0, 5, 1, loads, 0,
-                                  load_times={"a": times})
-        stats = EngineStats(num_waiting=waiting, num_running=1, last_batch_size=1,
-                            last_batch_tokens=1, kv_blocks_total=64, kv_blocks_used=waiting,
-                            kv_blocks_cached=0, prefix_cache_hits=0, prefix_cache_queries=0,
-                            kv_cache_bytes=1000, base_model_bytes=500, adapter_cache=cache,
-                            num_requests=3, num_finished=2, num_aborted=0, num_preemptions=0,
-                            num_steps=7, prompt_tokens=10, generated_tokens=20,
-                            schedule_seconds=0.5, forward_seconds=1.0, postprocess_seconds=0.25)
-        infos = [ResidentAdapterInfo(i, 10, 5, t, n, {"r": 2}) for i, n, t in resident]
-        return EngineSnapshot(stats, infos, {"a": AdapterTraffic(requests=2, running=1), None: AdapterTraffic(requests=1)})
-
+    part = _replica_snapshot
     one, two = part(2, [("a", 1, 5.0)], 1), part(3, [("a", 0, 9.0), ("b", 2, 1.0)], 2)
     merged = merge_snapshots({"r1": one, "r2": two})
     assert merged.replicas == {"r1": one, "r2": two}
@@ -104,6 +109,30 @@ def test_merged_snapshot_sums_replicas_and_keeps_each() -> None:
     assert set(resident) == {"a", "b"} and resident["a"].in_use == 1 and resident["a"].last_used == 9.0
     assert merged.adapters["a"].requests == 4 and merged.adapters[None].requests == 2
     assert one.resident[0].in_use == 1  # the parts are not changed
+
+
+def test_dashboard_state_and_metrics_show_each_replica() -> None:
+    from prolora_serve.server.api.dashboard import dashboard_state
+    from prolora_serve.server.api.metrics import ScrapeState, ServerMetrics
+    from prolora_serve.server.engine.client import KernelBackends, ModelInfo
+    from prolora_serve.server.scaleout.aggregate import merge_snapshots
+
+    merged = merge_snapshots({"r1": _replica_snapshot(2, [("a", 1, 5.0)], 1),
+                              "r2": _replica_snapshot(3, [("b", 0, 9.0), ("a", 0, 1.0)], 2)})
+    model = ModelInfo("m", 256, None, 500, {}, KernelBackends("cpu", "cpu"))
+    state = dashboard_state(model, merged, None)
+    assert [r["id"] for r in state["replicas"]] == ["r1", "r2"]
+    assert state["replicas"][1]["resident"] == ["b", "a"]  # most recently used first
+    assert state["replicas"][1]["scheduler"] == {"num_waiting": 3, "num_running": 1}
+    assert state["replicas"][0]["adapter_cache"]["loads"] == 1
+    assert state["scheduler"]["num_waiting"] == 5 and state["kv_cache"]["kv_blocks_total"] == 128
+    assert dashboard_state(model, _replica_snapshot(0, [], 0), None)["replicas"] == []  # in process
+    metrics = ServerMetrics()
+    text = metrics.render(ScrapeState(stats=merged.stats, replicas={
+        rid: part.stats for rid, part in merged.replicas.items()})).decode()
+    assert 'prolora_replica_queue_depth{replica="r2"} 3.0' in text
+    assert 'prolora_replica_adapter_cache_loads_total{replica="r1"} 1.0' in text
+    assert "prolora_queue_depth 5.0" in text
 
 
 def test_registry_reader_sees_another_writers_commits_and_never_writes(tmp_path) -> None:
