@@ -171,8 +171,9 @@ class EngineReplica:
     # --- requests -----------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        adapter_id: str | None = None) -> AsyncIterator[Any]:
-        """``ReplicaStarted``, then the engine's output deltas; errors are raised (Ray hands
-        them to the ingress). Cancelling the stream aborts the request (the engine's
+        """``ReplicaStarted``, then the engine's output deltas; the request's own error ends the
+        stream as a ``ReplicaFailed`` (anything else is raised: Ray hands it to the ingress as a
+        ``RayTaskError``). Cancelling the stream aborts the request (the engine's
         ``generate`` aborts when closed early)."""
         from ray import serve
 
