@@ -212,7 +212,8 @@ def test_cache_observes_read_plus_copy_once_per_cold_load() -> None:
     slow = source.load_adapter
     source.load_adapter = lambda adapter_id: (time.sleep(0.02), slow(adapter_id))[1]
     cache = AdapterCache(AdapterWeightPool("cpu", torch.float32),
-                         adapter_bytes(source.adapters["a"]), source)  # room for one
+                         adapter_bytes(source.adapters["a"]), source,
+                         host_budget_bytes=0)  # room for one; no host tier: every cold load reads
     for adapter_id in ("a", "a", "b", "a"):  # a cold, a warm, b evicts a, a cold again
         cache.release(acquire_now(cache, adapter_id))
     times = cache.stats().load_times
