@@ -268,3 +268,19 @@ def test_hermes_tool_calls_are_parsed_from_auto_output() -> None:
     assert json.loads(calls[0].function.arguments) == {"city": "Oslo", "celsius": False}
     assert content == "Let me check."
     assert tool_calls_from_text(plan, "no calls here") == ([], "no calls here")
+
+
+def test_grammar_mask_matches_the_reference_on_explicit_allowed_sets() -> None:
+    import torch
+
+    from conftest import build_byte_tokenizer
+    from prolora_serve.server.engine.grammar import Grammars, GrammarSpec, reference_mask
+
+    tokenizer = build_byte_tokenizer()
+    grammars = Grammars(tokenizer, len(tokenizer), {tokenizer.eos_token_id})
+    matcher = grammars.matcher(GrammarSpec.choice(["ab", "cd"]))
+    logits = torch.randn(2, len(tokenizer))
+    allowed = {tokenizer.convert_tokens_to_ids(c) for c in "ac"}  # the choices' first bytes
+    expected = reference_mask(logits, [allowed, None])  # row 1: no grammar, left as it is
+    assert grammars.mask_logits(logits, [matcher, None]) == []
+    assert torch.equal(logits, expected)
