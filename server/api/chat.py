@@ -7,6 +7,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
+from prolora_serve.server.engine.grammar import GrammarSpec
+
 from .auth import require_api_key
 from .common import (ServingState, encode, grammar_spec, new_id, now, resolve_adapter,
                      response_model_name, sampling_params, serving_state, token_budget, usage)
@@ -38,18 +40,24 @@ def chat_prompt_ids(state: ServingState, body: ChatCompletionRequest, plan: Tool
 
 
 def tool_plan(state: ServingState, body: ChatCompletionRequest) -> ToolPlan:
-    plan = plan_tools(body, template_renders_tools(getattr(state.engine.tokenizer, "chat_template", None)))
-    if plan.constrained and grammar_spec(body) is not None:
+    return plan_tools(body, template_renders_tools(getattr(state.engine.tokenizer, "chat_template", None)))
+
+
+def output_grammar(body: ChatCompletionRequest, plan: ToolPlan) -> GrammarSpec | None:
+    """The one constraint on the output: the tools' or the request's own (never both)."""
+    requested = grammar_spec(body)
+    if not plan.constrained:
+        return requested
+    if requested is not None:
         raise APIError(400, "tools and guided_* cannot both constrain the output", param="tool_choice")
-    return plan
+    return plan.grammar
 
 
 def make_jobs(state: ServingState, body: ChatCompletionRequest, prompt: list[int],
-              plan: ToolPlan) -> list[ChoiceJob]:
+              grammar: GrammarSpec | None) -> list[ChoiceJob]:
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = token_budget(state, body.token_limit, len(prompt), param)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    grammar = plan.grammar if plan.constrained else grammar_spec(body)
     return [ChoiceJob(i, prompt, sampling_params(body, max_tokens, grammar, logprobs=logprobs,
                                                  seed_offset=i))
             for i in range(body.n)]
@@ -160,8 +168,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = serving_state(request)
     adapter = resolve_adapter(state, body.model, body.adapter)
     plan = tool_plan(state, body)
+    grammar = output_grammar(body, plan)
     prompt = chat_prompt_ids(state, body, plan)
-    jobs = make_jobs(state, body, prompt, plan)
+    jobs = make_jobs(state, body, prompt, grammar)
     request_id = new_id("chatcmpl")
     writer = ChatWriter(state, body, len(prompt), request_id,
                         response_model_name(state, body.model, adapter.adapter_id), plan)
