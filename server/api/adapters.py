@@ -11,10 +11,12 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from prolora_serve.server.engine.client import EngineClient
-from prolora_serve.server.engine.residency import ResidentAdapterInfo
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
+
+from prolora_serve.server.engine.client import EngineClient
+from prolora_serve.server.engine.residency import ResidentAdapterInfo
+from prolora_serve.server.engine.threads import off_the_step_thread
 
 from . import listing
 from .auth import require_admin_key, require_api_key
@@ -126,7 +128,7 @@ async def upload_adapter(request: Request) -> AdapterInfo:
     try:
         name, files = _upload_fields(form)
         refuse_base_model_name(request, name, "name", status=409)
-        record = await run_in_threadpool(lambda: registry.register_upload(name, **files))
+        record = await run_in_threadpool(off_the_step_thread(registry.register_upload), name, **files)
     finally:
         await form.close()
     return adapter_info(record, await _residency(request.app.state.engine))

@@ -4,8 +4,10 @@ the engine's step loop, and stops it on shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -76,7 +78,11 @@ def open_runtime(config: ServerConfig, engine: EngineClient | None = None,
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
-    runtime = await run_in_threadpool(open_runtime, state.config, state.engine_arg, state.registry_arg)
+    # On a thread of its own that ends with the load: the model's loading ops open an OpenMP
+    # team on their thread, which would throttle the step thread's for as long as it lived.
+    with ThreadPoolExecutor(1, thread_name_prefix="model-load") as once:
+        runtime = await asyncio.get_running_loop().run_in_executor(
+            once, open_runtime, state.config, state.engine_arg, state.registry_arg)
     state.engine, state.registry = runtime.engine, runtime.registry
     state.model_name = runtime.engine.model.name
     backends = runtime.engine.model.backends

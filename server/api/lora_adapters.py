@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from prolora_serve.adapters.format import CONFIG_NAME, WEIGHTS_NAME
 from prolora_serve.adapters.registry import (AdapterNotFoundError, AdapterRecord, AdapterRegistry,
                                              DuplicateAdapterError)
+from prolora_serve.server.engine.threads import off_the_step_thread
 
 from .adapters import refuse_base_model_name, remove_adapter
 from .auth import require_admin_key
@@ -116,7 +117,7 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> P
     state = request.app.state
     path = resolve_import_path(state.config.adapter_import_dir, body.lora_path)
     refuse_base_model_name(request, body.lora_name, "lora_name", status=400)
-    await run_in_threadpool(_register, state.registry, body.lora_name, path)
+    await run_in_threadpool(off_the_step_thread(_register), state.registry, body.lora_name, path)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 

@@ -21,6 +21,7 @@ import torch
 from ...adapters.weights import CompactAdapter
 from ...kernels import AdapterWeightPool
 from .errors import AdapterTooLargeError
+from .threads import confine_this_thread
 
 
 class AdapterSource(Protocol):
@@ -129,7 +130,9 @@ class AdapterCache:
         self._read_seconds: dict[str, float] = {}  # the last read of each adapter not yet installed
         self._load_times: dict[str, LoadTimes] = {}
         self._lock = threading.RLock()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
+        # confined: its tensor work must not start a second OpenMP team (threads.py)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader",
+                                            initializer=confine_this_thread)
         self._element_size = torch.empty((), dtype=pool.dtype).element_size()
 
     # --- sizes -------------------------------------------------------------------------
