@@ -10,7 +10,7 @@ namespace prolora {
 // Element types of adapter weights and KV caches (codes shared with the Python side).
 enum ElementType : int64_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Columns of the adapter slot table (cpu_backend.py TABLE_FIELDS).
+// Columns of the adapter slot table (slot_tables.py TABLE_FIELDS).
 enum Field : int64_t { kPresent, kA0, kB0t, kAu, kBut, kR, kU, kM, kN, kCA, kCB, kSA, kSB, kNumFields };
 
 void gathered_apply(float* y, const float* x, int64_t num_rows, int64_t in_features,

@@ -2,10 +2,9 @@
 
 Each adapter keeps its own exact-size tensors (A0/B0/Au/Bu) in one allocation, so resident
 bytes equal the compact parameter bytes: nothing is padded to a common rank and nothing is
-materialized. The CPU kernel reads these tensors in place through per-module slot tables; the
-torch and Triton backends stack them per step layout (``plan.py``). Both caches live in
-``plan_cache`` and are dropped on every load/unload; what a backend derives from one slot alone
-(the CPU kernel's table rows) lives in ``slot_cache`` and is dropped only when that slot changes.
+materialized. The CPU and Triton kernels read these tensors in place through slot tables
+(``slot_tables.py``, kept in step with ``version``); the torch backend stacks them per step
+layout (``plan.py``), cached in ``plan_cache``, which is dropped on every load/unload.
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ class AdapterWeightPool:
         self._lock = threading.Lock()
         self.version = 0  # bumped on every load/unload; cached plans keyed on it
         self.plan_cache: dict = {}
-        self.slot_cache: dict[int, dict] = {}  # slot -> backend data derived from that slot alone
 
     def load(self, slot: int, adapter: CompactAdapter) -> None:
         """Copy an adapter's compact weights to the device into ``slot`` (which must be free)."""
@@ -80,7 +78,6 @@ class AdapterWeightPool:
             self._adapters[slot] = resident
             for path, weights in resident.modules.items():
                 self._modules.setdefault(path, {})[slot] = weights
-            self.slot_cache.pop(slot, None)
             self._invalidate()
 
     def check_representable(self, adapter: CompactAdapter) -> None:
@@ -102,7 +99,6 @@ class AdapterWeightPool:
     def unload(self, slot: int) -> None:
         with self._lock:
             adapter = self._adapters.pop(slot)
-            self.slot_cache.pop(slot, None)
             for path in adapter.modules:
                 entries = self._modules[path]
                 del entries[slot]
@@ -113,6 +109,11 @@ class AdapterWeightPool:
     def _invalidate(self) -> None:
         self.version += 1
         self.plan_cache = {}
+
+    def resident(self) -> dict[int, CompactAdapter]:
+        """Slot -> resident adapter, as of now."""
+        with self._lock:
+            return dict(self._adapters)
 
     def module(self, module_path: str) -> dict[int, CompactLinearWeights] | None:
         """Slot -> weights of every resident adapter that targets ``module_path``."""

@@ -2,13 +2,13 @@
 
 One launch of each kernel per adapted module serves every row of the step, whatever adapter (or
 none) each row uses, with any mix of (r, u, m, n): each row looks its slot up in the module's
-slot table (the same fields as the CPU kernel's, ``cpu_backend.TABLE_FIELDS``: a present flag,
+slot table (``slot_tables.py``, shared with the CPU kernel: a present flag,
 the addresses of A0, B0^T, Au, Bu^T in the pool and the dims R, u, m, n, cA, cB, sA, sB) and
 walks its own adapter's exact ranks in tiles of ``BLOCK_K`` with loop bounds read on the device.
 Nothing is padded to the largest rank, no weights are stacked or copied, and a step needs no
 host-side plan: the row -> slot map (``AdapterBatch.row_slots``, on the device) is the plan.
-The tables live in ``DeviceSlotTables``: device tensors rewritten in place when the pool
-changes, so a captured CUDA graph replays against newly loaded adapters without re-capture.
+The tables (``SlotTables``) are device tensors rewritten in place when the pool changes, so a
+captured CUDA graph replays against newly loaded adapters without re-capture.
 
 Semantics, for row t with slot a = row_slots[t] (a table row with present = 1; other rows,
 NO_ADAPTER among them, are left untouched), x: (T, h), y: (T, o):
@@ -35,17 +35,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .cpu_backend import TABLE_FIELDS, table_entry
 from .metadata import AdapterBatch
 from .pool import AdapterWeightPool
+from .slot_tables import NUM_FIELDS, SlotTables
 
 BLOCK_K = 16  # ranks per tile
 BLOCK_J = 128  # input features per shrink program (the column split)
 BLOCK_O = 64  # output features per expand program
 BLOCK_S = 32  # column splits summed per tile by the expand
-MIN_SLOTS = 16  # table rows allocated at first; doubled when a larger slot appears
-MIN_RANK_CAPACITY = 16  # width of the z buffer; doubled when a larger rank appears
-NUM_FIELDS = len(TABLE_FIELDS)
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -147,78 +144,6 @@ def _slot_expand_kernel(z_ptr, row_slots_ptr, table_ptr, scales_ptr, y_ptr, o, n
                  mask=valid_o)
 
 
-def _pow2_at_least(value: int, floor: int) -> int:
-    return max(floor, triton.next_power_of_2(max(value, 1)))
-
-
-class DeviceSlotTables:
-    """Every module's slot table in two device tensors, rewritten in place when the pool changes.
-
-    ``entries`` (modules, capacity, NUM_FIELDS) int64 and ``scales`` (modules, capacity) float32;
-    a module's table is ``entries[index[path]]``. ``sync`` compares the pool's version (bumped on
-    every load and unload) and rewrites the tensors in place; only when they must grow (a new
-    module path, a slot beyond the capacity, a rank beyond ``rank_capacity``) are they
-    reallocated, which bumps ``layout_version``: a captured CUDA graph holds the old addresses
-    and must be captured again then (and only then)."""
-
-    def __init__(self, pool: AdapterWeightPool, module_paths: tuple[str, ...] | list[str] = ()) -> None:
-        self.pool = pool
-        self.index: dict[str, int] = {}
-        self.capacity = MIN_SLOTS
-        self.rank_capacity = MIN_RANK_CAPACITY
-        self.layout_version = 0
-        self.synced_version: int | None = None
-        self.entries = torch.zeros(0, self.capacity, NUM_FIELDS, dtype=torch.int64, device=pool.device)
-        self.scales = torch.zeros(0, self.capacity, dtype=torch.float32, device=pool.device)
-        self._grow(list(module_paths), self.capacity, self.rank_capacity)
-
-    def _grow(self, new_paths: list[str], capacity: int, rank_capacity: int) -> None:
-        for path in new_paths:
-            self.index.setdefault(path, len(self.index))
-        self.capacity, self.rank_capacity = capacity, rank_capacity
-        device = self.pool.device
-        self.entries = torch.zeros(len(self.index), capacity, NUM_FIELDS, dtype=torch.int64, device=device)
-        self.scales = torch.zeros(len(self.index), capacity, dtype=torch.float32, device=device)
-        self.layout_version += 1
-        self.synced_version = None
-
-    def host_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """What ``entries`` and ``scales`` hold for the pool as it is now (CPU tensors)."""
-        entries = torch.zeros(self.entries.shape, dtype=torch.int64)
-        scales = torch.zeros(self.scales.shape, dtype=torch.float32)
-        for path, module in self.index.items():
-            for slot, weights in (self.pool.module(path) or {}).items():
-                entries[module, slot] = torch.tensor(table_entry(weights), dtype=torch.int64)
-                scales[module, slot] = weights.spec.scale
-        return entries, scales
-
-    def sync(self, extra_path: str | None = None) -> None:
-        """Bring the tables up to the pool (cheap when nothing changed)."""
-        new_paths = [extra_path] if extra_path is not None and extra_path not in self.index else []
-        if not new_paths and self.synced_version == self.pool.version:
-            return
-        paths = list(self.index) + new_paths
-        top_slot, top_rank = -1, 0
-        for path in paths:
-            for slot, weights in (self.pool.module(path) or {}).items():
-                top_slot, top_rank = max(top_slot, slot), max(top_rank, weights.spec.r)
-        capacity = _pow2_at_least(top_slot + 1, self.capacity)
-        rank_capacity = _pow2_at_least(top_rank, self.rank_capacity)
-        if new_paths or capacity != self.capacity or rank_capacity != self.rank_capacity:
-            self._grow(new_paths, capacity, rank_capacity)
-        version = self.pool.version
-        entries, scales = self.host_tables()
-        self.entries.copy_(entries)
-        self.scales.copy_(scales)
-        self.synced_version = version
-
-    def module(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The module's (entries (capacity, NUM_FIELDS), scales (capacity,)) views."""
-        self.sync(path)
-        index = self.index[path]
-        return self.entries[index], self.scales[index]
-
-
 def slot_apply(y: torch.Tensor, x: torch.Tensor, row_slots: torch.Tensor, entries: torch.Tensor,
                scales: torch.Tensor, weight_dtype: torch.dtype, rank_capacity: int) -> None:
     """The two launches for one module (see Semantics); y (T, o) is updated in place."""
@@ -243,7 +168,7 @@ def slot_apply(y: torch.Tensor, x: torch.Tensor, row_slots: torch.Tensor, entrie
 
 
 class TritonBackend:
-    """``AdapterBackend`` over ``slot_apply``: one ``DeviceSlotTables`` per pool."""
+    """``AdapterBackend`` over ``slot_apply``: one ``SlotTables`` per pool."""
 
     name = "triton"
 
@@ -251,14 +176,14 @@ class TritonBackend:
         self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def tables(self, pool: AdapterWeightPool,
-               module_paths: tuple[str, ...] | list[str] = ()) -> DeviceSlotTables:
+               module_paths: tuple[str, ...] | list[str] = ()) -> SlotTables:
         """The pool's device tables (made on first use; ``module_paths`` registered up front,
         as the CUDA-graph runner does for every adaptable projection of the model)."""
         tables = self._tables.get(pool)
         if tables is None:
             if pool.dtype not in _TL_DTYPES:
                 raise TypeError(f"the triton backend reads float32/bfloat16/float16 pools, not {pool.dtype}")
-            tables = self._tables[pool] = DeviceSlotTables(pool, module_paths)
+            tables = self._tables[pool] = SlotTables(pool, module_paths)
         for path in module_paths:
             tables.sync(path)
         return tables

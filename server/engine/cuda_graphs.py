@@ -7,7 +7,7 @@ token ids, positions, KV slot mapping, block tables, context lengths, row -> ada
 rows past B padded (``pad_decode_batch``: no adapter, their K/V written to a dummy block that no
 sequence owns, a context of that one slot). Everything the forward reads lives in those buffers
 or in tensors whose addresses never change: the KV cache, the model weights, and the adapter
-slot tables (``kernels.triton_backend.DeviceSlotTables``), which are rewritten in place when
+slot tables (``kernels.slot_tables.SlotTables``), which are rewritten in place when
 adapters are loaded or evicted. So loading and evicting adapters between replays needs no
 re-capture; only a reallocation of the slot tables (a slot or rank past their capacity, shown
 by ``layout_version``) captures again. Two graphs per bucket: one for steps where some row has

@@ -1,0 +1,113 @@
+"""Where the slot-table kernels (the fused CPU kernel, the Triton shrink/expand) find each
+resident adapter's weights: one table row per (module, slot), kept in step with the pool.
+
+A row holds a present flag, the addresses of the slot's A0, B0^T, Au and Bu^T for the module
+(the pool's own tensors, read in place) and the dims R, u, m, n, cA, cB, sA, sB; ``scales``
+holds alpha / r. Every module's table lives in two tensors on the pool's device,
+``entries`` (modules, capacity, NUM_FIELDS) int64 and ``scales`` (modules, capacity) float32,
+and a module's table is a view of them. ``sync`` rewrites only the slots whose adapter changed
+since it last ran (an install writes one slot's rows, an unload clears them), so a load costs
+one adapter's rows whatever else is resident; the tensors are reallocated only to grow (a new
+module path, a slot beyond the capacity, a rank beyond ``rank_capacity``), which bumps
+``layout_version``: a captured CUDA graph holds the old addresses and is captured again then.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters.weights import CompactAdapter, CompactLinearWeights
+from .pool import AdapterWeightPool
+
+TABLE_FIELDS = ("present", "A0", "B0t", "Au", "But", "R", "u", "m", "n", "cA", "cB", "sA", "sB")
+NUM_FIELDS = len(TABLE_FIELDS)
+MIN_SLOTS = 16  # table rows allocated at first; doubled when a larger slot appears
+MIN_RANK_CAPACITY = 16  # the Triton shrink's z width; doubled when a larger rank appears
+
+
+def table_entry(weights: CompactLinearWeights) -> list[int]:
+    """One module's row: the addresses of A0, B0^T, Au, Bu^T and the dims."""
+    spec = weights.spec
+    parts = (weights.A0, weights.B0.T, weights.Au, weights.Bu.T)
+    if not all(t.is_contiguous() for t in parts):
+        raise ValueError("slot-table kernels read A0, B0^T, Au and Bu^T contiguous (pool layout)")
+    return [1, *(t.data_ptr() for t in parts), spec.shared_r, spec.unshared_r, spec.reduce_a,
+            spec.reduce_b, spec.chunk_a, spec.chunk_b, spec.stride_a, spec.stride_b]
+
+
+def _at_least_pow2(value: int, floor: int) -> int:
+    return max(floor, 1 << max(value - 1, 0).bit_length())
+
+
+class SlotTables:
+    def __init__(self, pool: AdapterWeightPool, module_paths: tuple[str, ...] | list[str] = ()) -> None:
+        self.pool = pool
+        self.index: dict[str, int] = {}
+        self.capacity = MIN_SLOTS
+        self.rank_capacity = MIN_RANK_CAPACITY
+        self.layout_version = 0
+        self.synced_version: int | None = None
+        self._written: dict[int, CompactAdapter] = {}  # slot -> the adapter its rows describe
+        self._views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.entries = self.scales = torch.zeros(0)
+        self._grow(list(module_paths), self.capacity, self.rank_capacity)
+
+    def _grow(self, new_paths: list[str], capacity: int, rank_capacity: int) -> None:
+        for path in new_paths:
+            self.index.setdefault(path, len(self.index))
+        self.capacity, self.rank_capacity = capacity, rank_capacity
+        device = self.pool.device
+        self.entries = torch.zeros(len(self.index), capacity, NUM_FIELDS, dtype=torch.int64, device=device)
+        self.scales = torch.zeros(len(self.index), capacity, dtype=torch.float32, device=device)
+        self._views = {path: (self.entries[i], self.scales[i]) for path, i in self.index.items()}
+        self._written = {}  # every slot's rows are written again into the new tensors
+        self.layout_version += 1
+
+    def sync(self, extra_path: str | None = None) -> None:
+        """Bring the tables up to the pool: cheap when nothing changed."""
+        new_paths = [extra_path] if extra_path is not None and extra_path not in self.index else []
+        version = self.pool.version
+        if not new_paths and self.synced_version == version:
+            return
+        resident = self.pool.resident()
+        changed = {slot: a for slot, a in resident.items() if self._written.get(slot) is not a}
+        new_paths += sorted({p for a in changed.values() for p in a.modules} - set(self.index) - set(new_paths))
+        capacity = _at_least_pow2(max(resident, default=-1) + 1, self.capacity)
+        top_rank = max((w.spec.r for a in changed.values() for w in a.modules.values()), default=0)
+        rank_capacity = _at_least_pow2(top_rank, self.rank_capacity)
+        if new_paths or capacity != self.capacity or rank_capacity != self.rank_capacity:
+            self._grow(new_paths, capacity, rank_capacity)
+            changed = dict(resident)
+        for slot in [s for s in self._written if s not in resident or s in changed]:
+            self.entries[:, slot] = 0
+            self.scales[:, slot] = 0
+            del self._written[slot]
+        for slot, adapter in changed.items():
+            self._write(slot, adapter)
+        self.synced_version = version
+
+    def _write(self, slot: int, adapter: CompactAdapter) -> None:
+        """The slot's rows for every module its adapter targets, in one copy per tensor."""
+        modules = torch.tensor([self.index[p] for p in adapter.modules], dtype=torch.int64)
+        rows = torch.tensor([table_entry(w) for w in adapter.modules.values()], dtype=torch.int64)
+        scales = torch.tensor([w.spec.scale for w in adapter.modules.values()], dtype=torch.float32)
+        device = self.entries.device
+        self.entries[modules.to(device), slot] = rows.to(device)
+        self.scales[modules.to(device), slot] = scales.to(device)
+        self._written[slot] = adapter
+
+    def module(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module's (entries (capacity, NUM_FIELDS), scales (capacity,)), synced."""
+        self.sync(path)
+        return self._views[path]
+
+    def rebuilt(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables built from scratch from the pool as it is now (host tensors): what
+        ``entries`` and ``scales`` must equal after ``sync``."""
+        entries = torch.zeros(self.entries.shape, dtype=torch.int64)
+        scales = torch.zeros(self.scales.shape, dtype=torch.float32)
+        for path, module in self.index.items():
+            for slot, weights in (self.pool.module(path) or {}).items():
+                entries[module, slot] = torch.tensor(table_entry(weights), dtype=torch.int64)
+                scales[module, slot] = weights.spec.scale
+        return entries, scales
