@@ -55,7 +55,7 @@ def load_adapter(path: str | Path, linear_shapes: LinearShapes | None = None) ->
         return _load_directory(path, linear_shapes)
     if not path.is_file():
         raise AdapterFormatError(f"{path}: no such adapter file or directory")
-    return load_adapter_bytes(None, _read_bytes(path), linear_shapes, source=str(path))
+    return load_adapter_bytes(None, read_file(path), linear_shapes, source=str(path))
 
 
 def load_adapter_bytes(config_json: bytes | str | None, weights: bytes,
@@ -138,8 +138,8 @@ def _load_directory(path: Path, linear_shapes: LinearShapes | None) -> CompactAd
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise AdapterFormatError(f"{path}: missing {CONFIG_NAME}")
-    tensors, metadata = _read_safetensors(_read_bytes(weights_path), str(weights_path))
-    raw = _parse_json(_read_bytes(config_path), str(config_path))
+    tensors, metadata = _read_safetensors(read_file(weights_path), str(weights_path))
+    raw = _parse_json(read_file(config_path), str(config_path))
     return _build(raw, tensors, metadata, linear_shapes, str(path))
 
 
@@ -176,7 +176,8 @@ def _recorded_dims(metadata: Mapping[str, str]) -> dict[str, tuple[int, int]] | 
     return {path: (value[0], value[1]) for path, value in dims.items()}
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_file(path: Path) -> bytes:
+    """A file's bytes, or an AdapterFormatError saying why it cannot be read."""
     try:
         return path.read_bytes()
     except OSError as err:

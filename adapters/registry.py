@@ -126,6 +126,12 @@ def _format():
     return adapter_format
 
 
+def _known_headers(linear_shapes: Mapping[str, tuple[int, int]]):
+    from .known_headers import KnownHeaders  # torch, on first use like _format
+
+    return KnownHeaders(linear_shapes)
+
+
 def _copy_limited(source: BinaryIO, target: Path, budget: int) -> int:
     """Copy a stream to ``target`` in chunks; refuse once more than ``budget`` bytes arrive."""
     written = 0
@@ -169,6 +175,7 @@ class AdapterRegistry:
         self.root = Path(root)
         self.linear_shapes = dict(linear_shapes)
         self.max_upload_bytes = max_upload_bytes
+        self._known_headers = None  # made on the first read (it imports torch)
         self._lock = threading.Lock()  # one mutation at a time (uploads, deletes)
         self.root.mkdir(parents=True, exist_ok=True)
         self._staging = self.root / STAGING_DIR
@@ -201,12 +208,18 @@ class AdapterRegistry:
         return isinstance(adapter_id, str) and self._index.contains(adapter_id)
 
     def load_adapter(self, adapter_id: str) -> CompactAdapter:
-        """Read and fully validate the weights (raises ``AdapterNotFoundError``)."""
+        """Read and validate the weights (raises ``AdapterNotFoundError``); a file whose header
+        was validated before has only its values checked (``known_headers.py``)."""
         self.get(adapter_id)
         try:
-            return _format().load_adapter(self._weights_path(adapter_id), self.linear_shapes)
+            return self._headers().load(self._weights_path(adapter_id))
         except FileNotFoundError:  # deleted between the lookup and the read
             raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist") from None
+
+    def _headers(self):
+        if self._known_headers is None:
+            self._known_headers = _known_headers(self.linear_shapes)
+        return self._known_headers
 
     # ---- queries -----------------------------------------------------------------------
     def get(self, adapter_id: str) -> AdapterRecord:
@@ -540,6 +553,7 @@ class RegistryReader:
     def __init__(self, root: Path, linear_shapes: Mapping[str, tuple[int, int]]) -> None:
         self.root = Path(root)
         self.linear_shapes = dict(linear_shapes)
+        self._known_headers = None  # made on the first read (it imports torch)
 
     def _path(self, adapter_id: str, suffix: str) -> Path | None:
         if not isinstance(adapter_id, str) or not ADAPTER_ID_PATTERN.fullmatch(adapter_id) \
@@ -562,14 +576,19 @@ class RegistryReader:
         return isinstance(adapter_id, str) and self.has_adapter(adapter_id)
 
     def load_adapter(self, adapter_id: str) -> CompactAdapter:
-        """Read and fully validate the weights (raises ``AdapterNotFoundError``)."""
+        """Read and validate the weights, as ``AdapterRegistry.load_adapter`` does."""
         weights = self._path(adapter_id, WEIGHTS_SUFFIX)
         if weights is None or not self.has_adapter(adapter_id):
             raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist")
         try:
-            return _format().load_adapter(weights, self.linear_shapes)
+            return self._headers().load(weights)
         except FileNotFoundError:  # deleted between the lookup and the read
             raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist") from None
+
+    def _headers(self):
+        if self._known_headers is None:
+            self._known_headers = _known_headers(self.linear_shapes)
+        return self._known_headers
 
     def records(self) -> Iterator[AdapterRecord]:
         """The committed records, read from their files (unreadable ones are skipped)."""

@@ -26,8 +26,9 @@ class CompactLinearWeights:
     Bu: torch.Tensor  # (o, u)
 
     def __post_init__(self) -> None:
+        shapes = self.spec.tensor_shapes()
         for name, tensor in zip(TENSOR_NAMES, self.tensors()):
-            expected = self.spec.tensor_shapes()[name]
+            expected = shapes[name]
             if tuple(tensor.shape) != expected:
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {expected}")
 

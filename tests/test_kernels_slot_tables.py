@@ -86,3 +86,18 @@ def test_the_cpu_kernel_follows_loads_unloads_and_replacements() -> None:
         expected = torch.zeros(6, o, dtype=torch.float64)
         get_backend("reference").apply(expected, x.double(), pool, path, batch)
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resident_identity_follows_the_weights_and_config_not_the_object() -> None:
+    from prolora_serve.kernels.pool import kernel_layout, resident_identity
+
+    def identity(adapter, dtype=torch.float32):
+        return resident_identity(kernel_layout(adapter, torch.device("cpu"), dtype))
+
+    same = identity(make_adapter(*CONFIGS[0], alpha=4.0, seed=1))
+    assert same == identity(make_adapter(*CONFIGS[0], alpha=4.0, seed=1))
+    assert same != identity(make_adapter(*CONFIGS[0], alpha=4.0, seed=2))  # other weights
+    assert same != identity(make_adapter(*CONFIGS[0], alpha=8.0, seed=1))  # other scale
+    assert same != identity(make_adapter(*CONFIGS[0], alpha=4.0, seed=1), torch.float16)
+    with pytest.raises(ValueError, match="one allocation"):
+        resident_identity(make_adapter(*CONFIGS[0], alpha=4.0, seed=1))  # not laid out

@@ -33,6 +33,7 @@ from ...adapters.config import ProLoRAConfig
 from ...adapters.format import save_adapter
 from ...adapters.registry import AdapterRegistry
 from ...adapters.weights import CompactAdapter
+from ...kernels.pool import resident_identity
 from .async_engine import AsyncLLMEngine
 from .bench import ALL_PROJECTIONS, ADAPTER_STD
 from .engine import EngineConfig, LLMEngine
@@ -71,10 +72,11 @@ def loader_split(registry: AdapterRegistry, engine: LLMEngine, adapter_id: str) 
     pool.check_representable(adapter)
     laid_out = pool.layout(adapter)
     layout = time.perf_counter()
-    adapter.digest()
+    resident_identity(laid_out)
     digest = time.perf_counter()
-    pool.install(10_000, laid_out)
-    pool.unload(10_000)
+    slot = max(pool.slots, default=-1) + 1
+    pool.install(slot, laid_out)
+    pool.unload(slot)
     done = time.perf_counter()
     return {"read_validate_ms": 1e3 * (read - started), "layout_ms": 1e3 * (layout - read),
             "digest_ms": 1e3 * (digest - layout), "install_ms": 1e3 * (done - digest)}
@@ -106,7 +108,8 @@ async def under_load(engine: AsyncLLMEngine, prompt: str, warm: list[str], cold:
     added = sorted(c - w for c, w in zip(cold_ms, warm_ms))
     return {"cold_ms_p50": statistics.median(cold_ms), "warm_ms_p50": statistics.median(warm_ms),
             "added_ms_p50": statistics.median(added),
-            "added_ms_p99": added[min(len(added) - 1, int(0.99 * len(added)))], "count": len(added)}
+            "added_ms_p99": added[min(len(added) - 1, int(0.99 * len(added)))], "count": len(added),
+            "added_ms_worst": added[-5:], "cold_ms_in_order": cold_ms}
 
 
 async def _drain(engine: AsyncLLMEngine, request_id: str, prompt: str, adapter_id: str) -> None:

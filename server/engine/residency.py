@@ -20,6 +20,7 @@ import torch
 
 from ...adapters.weights import CompactAdapter
 from ...kernels import AdapterWeightPool
+from ...kernels.pool import resident_identity
 from .errors import AdapterTooLargeError
 from .threads import confine_this_thread
 
@@ -101,7 +102,7 @@ class _Resident:
     nbytes: int
     num_params: int
     config: dict[str, Any]
-    identity: bytes  # CompactAdapter.digest(): what prefix-cached KV blocks are keyed by
+    identity: bytes  # pool.resident_identity: what prefix-cached KV blocks are keyed by
     refcount: int = 0
     last_used: float = field(default_factory=time.time)
     retired: bool = False  # forgotten: freed as soon as nobody uses it
@@ -171,7 +172,8 @@ class AdapterCache:
         started = time.perf_counter()
         adapter = self.source.load_adapter(adapter_id)
         self.pool.check_representable(adapter)
-        prepared = _Prepared(self.pool.layout(adapter), adapter.digest(), self.resident_nbytes(adapter))
+        laid_out = self.pool.layout(adapter)
+        prepared = _Prepared(laid_out, resident_identity(laid_out), self.resident_nbytes(adapter))
         with self._lock:
             self._read_seconds[adapter_id] = time.perf_counter() - started
         return prepared

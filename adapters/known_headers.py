@@ -1,0 +1,199 @@
+"""Single-file adapters whose safetensors header this process has already validated load by
+checking only their values.
+
+A header fixes everything ``format.load_adapter`` checks except the values: the config (in the
+metadata), the module dims, and each tensor's key, dtype, shape and place in the data section.
+A file whose header is byte-identical to that of a file that passed the full validation against
+the same base shapes would pass it too, unless a value is NaN or Inf. Adapters trained with one
+recipe on one base model share their header up to the config's values, and identical configs
+are common (a product's thousands of per-customer adapters), so the engine's cold loads skip the
+Python-heavy checks of 840 tensors: the values are checked for finiteness in one pass and the
+tensors are views of the file's one buffer. Anything else (a header not seen yet, mixed dtypes,
+a non-finite value) takes the full path, whose errors name the culprit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import format as adapter_format
+from .config import LayerSpec, ProLoRAConfig
+from .state_dict import LinearShapes, tensor_key
+from .weights import TENSOR_NAMES, CompactAdapter, CompactLinearWeights
+
+HEADER_LENGTH_BYTES = 8  # safetensors: little-endian u64 header length, then the JSON header
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                       "F64": torch.float64}
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    offset: int | None  # its place among the file's tensors in data order; None: omitted (zero-size)
+    shape: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _Structure:
+    """What the full validation of one file found, for every file with the same header."""
+
+    config: ProLoRAConfig
+    dtype: torch.dtype
+    data_start: int  # bytes
+    num_elements: int
+    split_sizes: tuple[int, ...]  # element counts of the file's tensors in data order
+    modules: tuple[tuple[str, LayerSpec, tuple[_Tensor, ...]], ...]
+
+    def build(self, data: bytearray) -> CompactAdapter | None:
+        """The adapter as views of ``data``; None if a value is not finite or the data is not
+        exactly as long as the header says."""
+        if len(data) != self.data_start + self.num_elements * _itemsize(self.dtype):
+            return None
+        flat = torch.frombuffer(data, dtype=self.dtype, count=self.num_elements,
+                                offset=self.data_start)
+        if not bool(torch.isfinite(flat).all()):
+            return None
+        # one split of the buffer in file order (safetensors leaves no gaps), then a view each
+        chunks = flat.split(self.split_sizes)
+        modules = {}
+        for path, spec, tensors in self.modules:
+            parts = [torch.zeros(t.shape, dtype=self.dtype) if t.offset is None
+                     else chunks[t.offset].view(t.shape) for t in tensors]
+            modules[path] = CompactLinearWeights(spec, *parts)
+        return CompactAdapter(self.config, modules)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _structure_of(adapter: CompactAdapter, header: dict, data_start: int,
+                  data_bytes: int) -> _Structure | None:
+    """The structure of a validated file, or None where views could not reproduce it (mixed
+    dtypes, misaligned data)."""
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    dtypes = {v.get("dtype") for v in entries.values()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _SAFETENSORS_DTYPES:
+        return None
+    dtype = _SAFETENSORS_DTYPES[next(iter(dtypes))]
+    itemsize = _itemsize(dtype)
+    if data_start % itemsize or data_bytes % itemsize:
+        return None
+    lora = adapter.config.is_plain_lora
+    spans = sorted((v["data_offsets"][0], v["data_offsets"][1], k) for k, v in entries.items())
+    if spans[0][0] != 0 or spans[-1][1] != data_bytes or any(
+            a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        return None
+    place = {key: index for index, (_, _, key) in enumerate(spans)}
+    modules = []
+    for path, weights in adapter.modules.items():
+        tensors = []
+        for name, tensor in zip(TENSOR_NAMES, weights.tensors()):
+            entry = entries.get(tensor_key(path, name, lora))
+            shape = tuple(tensor.shape)
+            if entry is None:
+                if tensor.numel() or tensor.dtype != dtype:
+                    return None
+                tensors.append(_Tensor(None, shape))
+                continue
+            start, end = entry["data_offsets"]
+            if tuple(entry["shape"]) != shape or end - start != tensor.numel() * itemsize:
+                return None
+            tensors.append(_Tensor(place[tensor_key(path, name, lora)], shape))
+        modules.append((path, weights.spec, tuple(tensors)))
+    sizes = tuple((end - start) // itemsize for start, end, _ in spans)
+    if any(start % itemsize for start, _, _ in spans) or len(place) != sum(
+            t.offset is not None for _, _, ts in modules for t in ts):
+        return None  # misaligned, or a tensor the adapter does not use
+    return _Structure(adapter.config, dtype, data_start, data_bytes // itemsize, sizes,
+                      tuple(modules))
+
+
+class KnownHeaders:
+    """``load(path)``: ``format.load_adapter`` for single files, fast for known headers. Holds
+    at most ``capacity`` structures (least recently used dropped); safe from any thread."""
+
+    def __init__(self, linear_shapes: LinearShapes, capacity: int = 256) -> None:
+        self.linear_shapes = dict(linear_shapes)
+        self.capacity = capacity
+        self.fast_loads = self.full_loads = 0
+        self._known: OrderedDict[bytes, _Structure | None] = OrderedDict()  # header digest ->
+        self._lock = threading.Lock()
+
+    def load(self, path: Path) -> CompactAdapter:
+        data = bytearray(adapter_format.read_file(path))
+        raw = _raw_header(data)
+        structure = self._lookup(raw) if raw is not None else None
+        adapter = structure.build(data) if structure is not None else None
+        if adapter is not None:
+            self.fast_loads += 1
+            return adapter
+        adapter = adapter_format.load_adapter_bytes(None, bytes(data), self.linear_shapes,
+                                                    source=str(path))
+        self.full_loads += 1
+        header = _parse(raw) if raw is not None else None
+        if header is not None and structure is None:
+            data_start = HEADER_LENGTH_BYTES + len(raw)
+            self._learn(raw, header, _structure_of(adapter, header, data_start, len(data) - data_start))
+        return adapter
+
+    def _lookup(self, raw: bytes) -> _Structure | None:
+        """By the header's bytes; else by its canonical JSON (safetensors writes its metadata
+        map in any order, so one header has several spellings), remembering this spelling."""
+        spelling = _key(b"raw", raw)
+        with self._lock:
+            if spelling in self._known:
+                self._known.move_to_end(spelling)
+                return self._known[spelling]
+        header = _parse(raw)
+        if header is None:
+            return None
+        with self._lock:
+            structure = self._known.get(_canonical(header))
+            if structure is not None:
+                self._remember(spelling, structure)
+            return structure
+
+    def _learn(self, raw: bytes, header: dict, structure: _Structure | None) -> None:
+        with self._lock:
+            self._remember(_canonical(header), structure)
+            self._remember(_key(b"raw", raw), structure)
+
+    def _remember(self, key: bytes, structure: _Structure | None) -> None:
+        self._known[key] = structure
+        self._known.move_to_end(key)
+        while len(self._known) > self.capacity:
+            self._known.popitem(last=False)
+
+
+def _raw_header(data: bytearray) -> bytes | None:
+    if len(data) < HEADER_LENGTH_BYTES:
+        return None
+    length = int.from_bytes(data[:HEADER_LENGTH_BYTES], "little")
+    if length > len(data) - HEADER_LENGTH_BYTES:
+        return None
+    return bytes(data[HEADER_LENGTH_BYTES:HEADER_LENGTH_BYTES + length])
+
+
+def _parse(raw: bytes) -> dict | None:
+    """The header's JSON object, or None where it is not one (the full path says why)."""
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _canonical(header: dict) -> bytes:
+    return _key(b"canonical", json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _key(kind: bytes, text: bytes) -> bytes:
+    """Headers are ~100 KB: the memo keeps 16-byte BLAKE2b digests of them."""
+    return hashlib.blake2b(text, digest_size=16, person=kind.ljust(16, b"\0")).digest()
