@@ -12,6 +12,7 @@ are float32. Semantics are those of torch_backend.py; the float64 reference chec
 from __future__ import annotations
 
 import weakref
+from typing import Sequence
 
 import torch
 
@@ -40,18 +41,27 @@ class CpuBackend:
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, pool: AdapterWeightPool, module_path: str,
               batch: AdapterBatch) -> None:
+        self.apply_many((y,), x, pool, (module_path,), batch)
+
+    def apply_many(self, ys: Sequence[torch.Tensor], x: torch.Tensor, pool: AdapterWeightPool,
+                   module_paths: Sequence[str], batch: AdapterBatch) -> None:
+        """One kernel call for every module that some resident adapter targets."""
         code = ELEMENT_TYPE_CODES.get(pool.dtype)
         if code is None or pool.device.type != "cpu":
             raise TypeError(f"the cpu backend reads float32/bfloat16/float16 CPU pools, not {pool.dtype}")
-        if pool.module(module_path) is None:  # no resident adapter targets the module
+        targeted = [(y, path) for y, path in zip(ys, module_paths, strict=True)
+                    if pool.module(path) is not None]
+        if not targeted:
             return
-        entries, scales = self.tables(pool).module(module_path)
-        # The binding widens x to contiguous float32 and checks y (a contiguous float32 output).
-        if y.dtype == torch.float32:
-            self.kernel.gathered_apply(y, x, batch.row_slots, entries, scales, code)
-            return
-        # 16-bit activations (a bf16/fp16 base): the deltas are summed in float32, then added
-        # to the 16-bit output once, as a float32 kernel would round them.
-        delta = torch.zeros(y.shape, dtype=torch.float32)
-        self.kernel.gathered_apply(delta, x, batch.row_slots, entries, scales, code)
-        y.add_(delta)
+        tables = self.tables(pool)
+        views = [tables.module(path) for _, path in targeted]
+        # The binding widens x to contiguous float32 and checks each y (contiguous float32). For
+        # 16-bit activations (a bf16/fp16 base) the deltas are summed in float32, then added to
+        # the 16-bit output once, as a float32 kernel would round them.
+        outputs = [y if y.dtype == torch.float32 else torch.zeros(y.shape, dtype=torch.float32)
+                   for y, _ in targeted]
+        self.kernel.gathered_apply(outputs, x, batch.row_slots, [e for e, _ in views],
+                                   [s for _, s in views], code)
+        for (y, _), out in zip(targeted, outputs):
+            if out is not y:
+                y.add_(out)

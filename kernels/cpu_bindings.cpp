@@ -2,6 +2,8 @@
 // cpu_attention.cpp (whose translation units stay free of the heavy torch headers).
 #include <torch/extension.h>
 
+#include <vector>
+
 #include "cpu_kernels.h"
 
 namespace {
@@ -17,24 +19,33 @@ ElementType element_type_of(const torch::Tensor& t) {
   }
 }
 
-void gathered_apply(torch::Tensor y, torch::Tensor x, torch::Tensor row_slots, torch::Tensor table,
-                    torch::Tensor scales, int64_t weight_type) {
-  TORCH_CHECK(y.is_contiguous() && y.scalar_type() == torch::kFloat,
-              "the cpu backend adds into a contiguous float32 output y");
+void gathered_apply(std::vector<torch::Tensor> ys, torch::Tensor x, torch::Tensor row_slots,
+                    std::vector<torch::Tensor> tables, std::vector<torch::Tensor> scales,
+                    int64_t weight_type) {
+  TORCH_CHECK(ys.size() == tables.size() && ys.size() == scales.size(),
+              "one output, table and scales per module");
   x = x.to(torch::kFloat).contiguous();  // no copy when it already is
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x (T, h), y (T, o)");
+  TORCH_CHECK(x.dim() == 2, "x must be (T, h)");
   TORCH_CHECK(row_slots.numel() == x.size(0) && row_slots.scalar_type() == torch::kLong &&
                   row_slots.is_contiguous(), "row_slots must be (T,) int64");
-  TORCH_CHECK(table.dim() == 2 && table.size(1) == prolora::kNumFields && table.is_contiguous() &&
-                  table.scalar_type() == torch::kLong, "table must be (S, ", prolora::kNumFields,
-              ") int64");
-  TORCH_CHECK(scales.numel() == table.size(0) && scales.scalar_type() == torch::kFloat &&
-                  scales.is_contiguous(), "scales must be (S,) float32");
   TORCH_CHECK(weight_type >= prolora::kFloat32 && weight_type <= prolora::kFloat16,
               "weight_type must be 0 (float32), 1 (bfloat16) or 2 (float16)");
-  prolora::gathered_apply(y.data_ptr<float>(), x.data_ptr<float>(), x.size(0), x.size(1), y.size(1),
-                          row_slots.data_ptr<int64_t>(), table.data_ptr<int64_t>(), table.size(0),
-                          scales.data_ptr<float>(), static_cast<ElementType>(weight_type));
+  std::vector<prolora::ModuleTable> modules;
+  for (size_t j = 0; j < ys.size(); ++j) {
+    const auto &y = ys[j], &table = tables[j], &scale = scales[j];
+    TORCH_CHECK(y.is_contiguous() && y.scalar_type() == torch::kFloat && y.dim() == 2 &&
+                    y.size(0) == x.size(0), "the cpu backend adds into contiguous float32 (T, o) outputs");
+    TORCH_CHECK(table.dim() == 2 && table.size(1) == prolora::kNumFields && table.is_contiguous() &&
+                    table.scalar_type() == torch::kLong, "table must be (S, ", prolora::kNumFields,
+                ") int64");
+    TORCH_CHECK(scale.numel() == table.size(0) && scale.scalar_type() == torch::kFloat &&
+                    scale.is_contiguous(), "scales must be (S,) float32");
+    modules.push_back({y.data_ptr<float>(), y.size(1), table.data_ptr<int64_t>(), table.size(0),
+                       scale.data_ptr<float>()});
+  }
+  prolora::gathered_apply(modules.data(), static_cast<int64_t>(modules.size()), x.data_ptr<float>(),
+                          x.size(0), x.size(1), row_slots.data_ptr<int64_t>(),
+                          static_cast<prolora::ElementType>(weight_type));
 }
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor key_cache,
@@ -78,7 +89,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor key_cache,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("gathered_apply", &gathered_apply,
-             "y[t] += compact PRoLoRA delta of row t's adapter, read from a slot table");
+             "ys[j][t] += compact PRoLoRA delta of row t's adapter for module j, read from its slot table");
   module.def("paged_decode_attention", &paged_decode_attention,
              "one query token per sequence attending over its paged key/value cache");
   module.attr("NUM_FIELDS") = static_cast<int64_t>(prolora::kNumFields);

@@ -1,15 +1,16 @@
-// Fused CPU kernel: every adapted row of one module in one call, straight from the pool's
-// compact weights (see cpu_backend.py).
+// Fused CPU kernel: every adapted row of one or more modules that read the same input (q, k, v;
+// gate, up) in one call, straight from the pool's compact weights (see cpu_backend.py).
 //
-// Semantics, for every row t with s = row_slots[t], 0 <= s < S and table[s, PRESENT] != 0,
-// weights and dims (R, u, m, n, cA, cB, sA, sB) read from table[s], alpha / r = scales[s]:
+// Semantics, for every module (y, table, scales) of the call and every row t with
+// s = row_slots[t], 0 <= s < S and table[s, PRESENT] != 0, weights and dims
+// (R, u, m, n, cA, cB, sA, sB) read from table[s], alpha / r = scales[s]:
 //   z[k]   = sum_i sum_j x[t, i*cA + j] * A0[(k + i*sA) % R, j]       (k < R, i*cA + j < h)
 //   su[q]  = sum_c Au[q, c] * x[t, c]                                  (q < u)
 //   y[t, i*cB + j] += scales[s] * ( sum_c B0t[c, j] * z[(c - i*sB) % R]
 //                                   + sum_q But[q, i*cB + j] * su[q] ) (i*cB + j < o)
 // Other rows (NO_ADAPTER, or an adapter that does not target this module) are left alone.
-// shapes: x (T, h) float32, y (T, o) float32, row_slots (T) int64, table (S, kNumFields) int64
-//         (weight addresses and dims, see Field), scales (S) float32; the weights A0 (R, cA),
+// shapes: x (T, h) float32, each module's y (T, o) float32, table (S, kNumFields) int64 (weight
+//         addresses and dims, see Field), scales (S) float32; row_slots (T) int64; A0 (R, cA),
 //         B0t (R, cB), Au (u, h), But (u, o) are contiguous, of the element type `weight_type`
 //         (float32, bfloat16 or float16), converted to float32 in registers.
 //
@@ -159,38 +160,41 @@ void row_delta(const float* x, int64_t h, float* out, int64_t o, const Layer<W>&
 }
 
 template <typename W>
-void apply_rows(float* y, const float* x, int64_t num_rows, int64_t h, int64_t o,
-                const int64_t* row_slots, const int64_t* table, int64_t num_slots,
-                const float* scales) {
-  // The table entry of row t, or nullptr where the row has no adapter for this module.
-  auto entry_of = [&](int64_t t) -> const int64_t* {
-    const int64_t slot = row_slots[t];
-    if (slot < 0 || slot >= num_slots) return nullptr;
-    const int64_t* entry = table + slot * kNumFields;
+void apply_rows(const ModuleTable* modules, int64_t num_modules, const float* x, int64_t num_rows,
+                int64_t h, const int64_t* row_slots) {
+  // The table entry of row t for a module, or nullptr where the row has no adapter for it.
+  auto entry_of = [&](const ModuleTable& module, int64_t slot) -> const int64_t* {
+    if (slot < 0 || slot >= module.num_slots) return nullptr;
+    const int64_t* entry = module.table + slot * kNumFields;
     return entry[kPresent] != 0 ? entry : nullptr;
   };
-  // A row costs about a microsecond; torch's pool threads are still spinning from the previous op,
-  // so handing 16-row chunks to them pays already at decode batches (32 rows: 1.2-1.7x faster
-  // than one thread, kernels.bench with 2 threads).
+  // A row costs about a microsecond per module; torch's pool threads are still spinning from the
+  // previous op, so handing 16-row chunks to them pays already at decode batches (32 rows:
+  // 1.2-1.7x faster than one thread, kernels.bench with 2 threads). The modules of a row run
+  // back to back, while its x is in L1.
   at::parallel_for(0, num_rows, kRowsPerThread, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t* entry = entry_of(t);
-      if (entry == nullptr) continue;
-      const Layer<W> layer = layer_of<W>(entry, scales[row_slots[t]]);
-      scratch.resize(2 * layer.R + layer.u + 1);
-      row_delta(x + t * h, h, y + t * o, o, layer, scratch.data());
+      const int64_t slot = row_slots[t];
+      for (int64_t j = 0; j < num_modules; ++j) {
+        const ModuleTable& module = modules[j];
+        const int64_t* entry = entry_of(module, slot);
+        if (entry == nullptr) continue;
+        const Layer<W> layer = layer_of<W>(entry, module.scales[slot]);
+        scratch.resize(2 * layer.R + layer.u + 1);
+        row_delta(x + t * h, h, module.y + t * module.out_features, module.out_features, layer,
+                  scratch.data());
+      }
     }
   });
 }
 
 }  // namespace
 
-void gathered_apply(float* y, const float* x, int64_t num_rows, int64_t in_features,
-                    int64_t out_features, const int64_t* row_slots, const int64_t* table,
-                    int64_t num_slots, const float* scales, ElementType weight_type) {
-  const auto args = std::make_tuple(y, x, num_rows, in_features, out_features, row_slots, table,
-                                    num_slots, scales);
+void gathered_apply(const ModuleTable* modules, int64_t num_modules, const float* x,
+                    int64_t num_rows, int64_t in_features, const int64_t* row_slots,
+                    ElementType weight_type) {
+  const auto args = std::make_tuple(modules, num_modules, x, num_rows, in_features, row_slots);
   switch (weight_type) {
     case kFloat32: std::apply(apply_rows<float>, args); break;
     case kBFloat16: std::apply(apply_rows<c10::BFloat16>, args); break;

@@ -13,9 +13,18 @@ enum ElementType : int64_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 // Columns of the adapter slot table (slot_tables.py TABLE_FIELDS).
 enum Field : int64_t { kPresent, kA0, kB0t, kAu, kBut, kR, kU, kM, kN, kCA, kCB, kSA, kSB, kNumFields };
 
-void gathered_apply(float* y, const float* x, int64_t num_rows, int64_t in_features,
-                    int64_t out_features, const int64_t* row_slots, const int64_t* table,
-                    int64_t num_slots, const float* scales, ElementType weight_type);
+// One adapted module of a gathered_apply call: its output rows and its slot table.
+struct ModuleTable {
+  float* y;  // (num_rows, out_features)
+  int64_t out_features;
+  const int64_t* table;  // (num_slots, kNumFields)
+  int64_t num_slots;
+  const float* scales;  // (num_slots,)
+};
+
+void gathered_apply(const ModuleTable* modules, int64_t num_modules, const float* x,
+                    int64_t num_rows, int64_t in_features, const int64_t* row_slots,
+                    ElementType weight_type);
 
 struct DecodeShape {
   int64_t num_seqs, q_heads, kv_heads, head_dim, block_size, table_width;

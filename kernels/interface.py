@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
@@ -21,6 +21,19 @@ class AdapterBackend(Protocol):
     def apply(self, y: torch.Tensor, x: torch.Tensor, pool: AdapterWeightPool, module_path: str,
               batch: AdapterBatch) -> None:
         """y[t] += scale_a * delta_a(x[t]) in place for every row t whose slot a targets the module."""
+
+    def apply_many(self, ys: Sequence[torch.Tensor], x: torch.Tensor, pool: AdapterWeightPool,
+                   module_paths: Sequence[str], batch: AdapterBatch) -> None:
+        """``apply`` for several modules that read the same ``x`` (q, k, v; gate, up)."""
+
+
+class OneModuleAtATime:
+    """``apply_many`` as one ``apply`` per module: for backends without a fused form."""
+
+    def apply_many(self, ys: Sequence[torch.Tensor], x: torch.Tensor, pool: AdapterWeightPool,
+                   module_paths: Sequence[str], batch: AdapterBatch) -> None:
+        for y, path in zip(ys, module_paths, strict=True):
+            self.apply(y, x, pool, path, batch)  # type: ignore[attr-defined]
 
 
 def triton_available() -> bool:
@@ -87,11 +100,19 @@ class AdapterStep:
 
     def apply(self, module_path: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add each row's adapter delta to the base output ``y`` (same leading dims as ``x``)."""
+        self.apply_many((module_path,), x, (y,))
+
+    def apply_many(self, module_paths: Sequence[str], x: torch.Tensor,
+                   ys: Sequence[torch.Tensor]) -> None:
+        """``apply`` for projections that read the same ``x``, in one backend call."""
         batch = self.batch
         if not batch.has_adapters:
             return
         if x.dim() != 2:  # the engine's rows are already flat; reshaping costs a microsecond
-            x, y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+            x, ys = x.reshape(-1, x.shape[-1]), [y.view(-1, y.shape[-1]) for y in ys]
         if x.shape[0] != batch.num_rows:
-            raise ValueError(f"{module_path}: {x.shape[0]} rows but the step has {batch.num_rows}")
-        self.backend.apply(y, x, self.pool, module_path, batch)
+            raise ValueError(f"{module_paths[0]}: {x.shape[0]} rows but the step has {batch.num_rows}")
+        if len(ys) == 1:
+            self.backend.apply(ys[0], x, self.pool, module_paths[0], batch)
+        else:
+            self.backend.apply_many(ys, x, self.pool, module_paths, batch)

@@ -178,11 +178,19 @@ class AdapterApplier(Protocol):
     def apply(self, module_path: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """``y[t] += scale_a * delta_a(x[t])`` for every row t whose adapter targets the module."""
 
+    def apply_many(self, module_paths: Sequence[str], x: torch.Tensor,
+                   ys: Sequence[torch.Tensor]) -> None:
+        """``apply`` for projections that read the same ``x`` (q, k, v; gate, up), at once."""
+
 
 class NoAdapters:
     """A step on the base model alone: every projection is its base layer."""
 
     def apply(self, module_path: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        return None
+
+    def apply_many(self, module_paths: Sequence[str], x: torch.Tensor,
+                   ys: Sequence[torch.Tensor]) -> None:
         return None
 
 

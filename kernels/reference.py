@@ -17,10 +17,11 @@ import torch
 
 from ..adapters.dense import materialize
 from .metadata import AdapterBatch, AttentionMetadata
+from .interface import OneModuleAtATime
 from .pool import AdapterWeightPool
 
 
-class ReferenceBackend:
+class ReferenceBackend(OneModuleAtATime):
     name = "reference"
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, pool: AdapterWeightPool, module_path: str,

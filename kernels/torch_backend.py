@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .metadata import AdapterBatch
 from .plan import GatheredGroup, Segment, cached_module_plan
+from .interface import OneModuleAtATime
 from .pool import AdapterWeightPool
 
 
@@ -64,7 +65,7 @@ def accumulate_rows(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None,
         y.index_add_(0, rows, delta_fn(x.index_select(0, rows), part).to(y.dtype))
 
 
-class TorchBackend:
+class TorchBackend(OneModuleAtATime):
     """Segments by BLAS matmuls, gathered groups by ``group_delta`` (batched torch ops)."""
 
     name = "torch"

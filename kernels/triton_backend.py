@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .metadata import AdapterBatch
+from .interface import OneModuleAtATime
 from .pool import AdapterWeightPool
 from .slot_tables import NUM_FIELDS, SlotTables
 
@@ -167,7 +168,7 @@ def slot_apply(y: torch.Tensor, x: torch.Tensor, row_slots: torch.Tensor, entrie
         BLOCK_S=BLOCK_S)
 
 
-class TritonBackend:
+class TritonBackend(OneModuleAtATime):
     """``AdapterBackend`` over ``slot_apply``: one ``SlotTables`` per pool."""
 
     name = "triton"

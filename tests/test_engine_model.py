@@ -235,9 +235,15 @@ class RecordingApplier:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, int]] = []
+        self.groups: list[tuple[str, ...]] = []  # the module names of each applier call
 
     def apply(self, module_path: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.calls.append((module_path, x.shape[-1], y.shape[-1]))
+        self.apply_many((module_path,), x, (y,))
+
+    def apply_many(self, module_paths, x: torch.Tensor, ys) -> None:
+        for path, y in zip(module_paths, ys, strict=True):
+            self.calls.append((path, x.shape[-1], y.shape[-1]))
+        self.groups.append(tuple(p.rsplit(".", 1)[1] for p in module_paths))
 
 
 def test_the_step_value_reaches_every_projection_with_its_checkpoint_path() -> None:
@@ -250,6 +256,9 @@ def test_the_step_value_reaches_every_projection_with_its_checkpoint_path() -> N
     shapes = ours.linear_shapes()
     assert len(recorder.calls) == len(shapes) == 21  # 3 layers x 7 projections, each once
     assert {path: (h, o) for path, h, o in recorder.calls} == shapes
+    # projections sharing an input are one call: q, k, v; o; gate, up; down
+    assert recorder.groups == [("q_proj", "k_proj", "v_proj"), ("o_proj",),
+                               ("gate_proj", "up_proj"), ("down_proj",)] * 3
 
 
 # ----- the embedded default model (SmolLM2-135M-Instruct) against transformers -----

@@ -299,3 +299,34 @@ def test_pool_refuses_weights_that_overflow_its_dtype() -> None:
     AdapterWeightPool(dtype=torch.bfloat16).check_representable(adapter)
     with pytest.raises(AdapterFormatError, match=r"down_proj\.prolora_Bu.*--adapter-dtype fp32"):
         AdapterWeightPool(dtype=torch.float16).check_representable(adapter)
+
+
+# q, k, v of one layer: one input, outputs of other widths (not multiples of n)
+SHARED_INPUT = {"model.layers.5.self_attn.q_proj": (29, 36), "model.layers.5.self_attn.k_proj": (29, 11),
+                "model.layers.5.self_attn.v_proj": (29, 11)}
+
+
+@pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["distinct", "identical", "zipf", "skewed"])
+@pytest.mark.parametrize("rows", [1, 7, 33])
+def test_cpu_apply_many_equals_the_reference_per_module(activations: torch.dtype, kind: str,
+                                                        rows: int) -> None:
+    """One fused call for projections sharing an input, with adapters that target all of them,
+    only q and v, or only k, and rows without an adapter; each output against float64."""
+    pool = AdapterWeightPool(dtype=activations)
+    targets = [SHARED_INPUT, {p: d for p, d in SHARED_INPUT.items() if "k_proj" not in p},
+               {p: d for p, d in SHARED_INPUT.items() if "k_proj" in p}]
+    for slot, (r, u, m, n) in enumerate(CONFIGS):
+        pool.load(slot, make_adapter(r, u, m, n, alpha=4.0, seed=slot, modules=targets[slot % 3]))
+    slots = with_gaps(popularity(kind, rows, len(CONFIGS), random.Random(rows)), random.Random(3))
+    batch = build_adapter_batch(slots)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 29, generator=gen).to(activations)
+    paths = list(SHARED_INPUT)
+    ys = [torch.randn(rows, SHARED_INPUT[p][1], generator=gen).to(activations) for p in paths]
+    expected = [y.double() for y in ys]
+    for path, reference in zip(paths, expected):
+        get_backend("reference").apply(reference, x.double(), pool, path, batch)
+    get_backend("cpu").apply_many(ys, x, pool, paths, batch)
+    for y, reference in zip(ys, expected):
+        assert_close_for_dtype(y, reference, activations)

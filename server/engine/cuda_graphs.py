@@ -197,6 +197,11 @@ class SlotTableAdapters:
     def apply(self, module_path: str, x: torch.Tensor, y: torch.Tensor) -> None:
         self.backend.launch(y, x, self.pool, module_path, self.row_slots)
 
+    def apply_many(self, module_paths: Sequence[str], x: torch.Tensor,
+                   ys: Sequence[torch.Tensor]) -> None:
+        for path, y in zip(module_paths, ys, strict=True):
+            self.apply(path, x, y)
+
 
 def decode_rows(chunks: Sequence["ScheduledChunk"]) -> list[DecodeRow] | None:
     """The chunks as decode rows, or None when the step is not a pure sampling decode step

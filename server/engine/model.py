@@ -5,8 +5,10 @@ module paths (``model.layers.0.self_attn.q_proj``) are the ones adapters are key
 
 The forward takes the step's one value, ``StepMetadata``: its attention metadata for the paged
 KV cache and its adapter applier. Every projection is ``project(layer, x, step)``: the base layer
-(float, NF4 or int8, swapped in by ``quantize.py``) plus each row's adapter delta, unmerged. A
-base-only step carries ``NoAdapters``, so the model never branches on adapters.
+(float, NF4 or int8, swapped in by ``quantize.py``) plus each row's adapter delta, unmerged;
+projections that share an input (q, k, v; gate, up) go through ``project_shared``, one adapter
+call for all of them. A base-only step carries ``NoAdapters``, so the model never branches on
+adapters.
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ def project(layer: nn.Module, path: str, x: torch.Tensor, step: StepMetadata) ->
     return y
 
 
+def project_shared(layers: tuple[nn.Module, ...], paths: tuple[str, ...], x: torch.Tensor,
+                   step: StepMetadata) -> list[torch.Tensor]:
+    """Projections that read the same input (q, k, v; gate, up): their base layers, then all
+    their adapter deltas in one call (one kernel launch on the CPU instead of one each)."""
+    outputs = [layer(x) for layer in layers]
+    step.adapters.apply_many(paths, x, outputs)
+    return outputs
+
+
 def head_dim_of(config: LlamaConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -66,10 +77,11 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 step: StepMetadata, kv: KVCache) -> torch.Tensor:
-        tokens, (q_path, k_path, v_path, o_path) = x.shape[0], self.paths
-        q = project(self.q_proj, q_path, x, step).view(tokens, self.num_heads, self.head_dim)
-        k = project(self.k_proj, k_path, x, step).view(tokens, self.num_kv_heads, self.head_dim)
-        v = project(self.v_proj, v_path, x, step).view(tokens, self.num_kv_heads, self.head_dim)
+        tokens, o_path = x.shape[0], self.paths[3]
+        q, k, v = project_shared((self.q_proj, self.k_proj, self.v_proj), self.paths[:3], x, step)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = paged_attention(q, k, v, kv.keys[self.layer_idx], kv.values[self.layer_idx],
                               step.attention, self.scale, kv.decode_attention)
@@ -87,10 +99,8 @@ class LlamaMLP(nn.Module):
         self.paths = module_paths(layer_idx, "mlp", ("gate_proj", "up_proj", "down_proj"))
 
     def forward(self, x: torch.Tensor, step: StepMetadata) -> torch.Tensor:
-        gate_path, up_path, down_path = self.paths
-        inner = (F.silu(project(self.gate_proj, gate_path, x, step))
-                 * project(self.up_proj, up_path, x, step))
-        return project(self.down_proj, down_path, inner, step)
+        gate, up = project_shared((self.gate_proj, self.up_proj), self.paths[:2], x, step)
+        return project(self.down_proj, self.paths[2], F.silu(gate) * up, step)
 
 
 class LlamaDecoderLayer(nn.Module):
