@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
@@ -91,3 +92,15 @@ def test_the_adapter_loader_thread_starts_no_openmp_team() -> None:
         assert cache.prepare("a").result(timeout=30) > 0
 
     assert openmp_workers_started_by(load) == set()
+
+
+def test_work_on_a_passing_thread_leaves_no_team_behind() -> None:
+    """Loading a model opens a team on its thread; on a passing thread the team ends with it."""
+    from prolora_serve.server.engine.threads import run_on_passing_thread
+
+    before = set(os.listdir("/proc/self/task"))
+    assert run_on_passing_thread(tensor_work) == 2  # it computed on a full pool of its own
+    deadline = time.monotonic() + 5  # a joined thread's kernel task (and its team's) may linger
+    while set(os.listdir("/proc/self/task")) - before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert set(os.listdir("/proc/self/task")) - before == set()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -20,6 +19,7 @@ from prolora_serve.adapters.weights import CompactAdapter
 
 from ..config import ServerConfig
 from ..engine.client import EngineClient
+from ..engine.threads import run_on_passing_thread
 from . import adapters, chat, completions, dashboard, lora_adapters, metrics, models
 from .auth import require_api_key
 from .errors import install_error_handlers
@@ -78,11 +78,10 @@ def open_runtime(config: ServerConfig, engine: EngineClient | None = None,
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
-    # On a thread of its own that ends with the load: the model's loading ops open an OpenMP
-    # team on their thread, which would throttle the step thread's for as long as it lived.
-    with ThreadPoolExecutor(1, thread_name_prefix="model-load") as once:
-        runtime = await asyncio.get_running_loop().run_in_executor(
-            once, open_runtime, state.config, state.engine_arg, state.registry_arg)
+    # On a thread that ends with the load: loading opens an OpenMP team on its thread, which
+    # would throttle the step thread's for as long as it lived (server/engine/threads.py).
+    runtime = await asyncio.to_thread(run_on_passing_thread, open_runtime, state.config,
+                                      state.engine_arg, state.registry_arg)
     state.engine, state.registry = runtime.engine, runtime.registry
     state.model_name = runtime.engine.model.name
     backends = runtime.engine.model.backends

@@ -18,6 +18,7 @@ from .engine import EngineConfig, EngineStats, LLMEngine, RequestOutput
 from .errors import EngineStoppedError
 from .residency import AdapterCache, AdapterSource
 from .sampling import SamplingParams
+from .threads import run_on_passing_thread
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig, adapter_source: AdapterSource | None = None) -> "AsyncLLMEngine":
-        return cls(LLMEngine.from_config(config, adapter_source))
+        # loaded on a passing thread: the step thread is to be the only one with an OpenMP team
+        return cls(run_on_passing_thread(LLMEngine.from_config, config, adapter_source))
 
     # --- EngineClient: what the API reads --------------------------------------------------
     @property

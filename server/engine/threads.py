@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, ParamSpec, TypeVar
 
 import torch
@@ -55,6 +56,13 @@ def confine_this_thread() -> None:
     if setter is not None:
         setter(1)
     _confined.done = True
+
+
+def run_on_passing_thread(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """``fn`` on a thread of its own that ends when it returns, and with it the OpenMP team its
+    tensor work opened: for loading a model before another thread runs the steps."""
+    with ThreadPoolExecutor(1, thread_name_prefix="passing") as once:
+        return once.submit(fn, *args, **kwargs).result()
 
 
 def off_the_step_thread(fn: Callable[P, R]) -> Callable[P, R]:
