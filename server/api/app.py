@@ -19,7 +19,7 @@ from prolora_serve.adapters.weights import CompactAdapter
 
 from ..config import ServerConfig
 from ..engine.client import EngineClient
-from ..engine.threads import run_on_passing_thread
+from ..engine.threads import confine_this_thread, run_on_passing_thread
 from . import adapters, chat, completions, dashboard, lora_adapters, metrics, models
 from .auth import require_api_key
 from .errors import install_error_handlers
@@ -78,6 +78,7 @@ def open_runtime(config: ServerConfig, engine: EngineClient | None = None,
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
+    confine_this_thread()  # the event loop's own tensor work, if any, never opens a team
     # On a thread that ends with the load: loading opens an OpenMP team on its thread, which
     # would throttle the step thread's for as long as it lived (server/engine/threads.py).
     runtime = await asyncio.to_thread(run_on_passing_thread, open_runtime, state.config,

@@ -11,9 +11,11 @@ RSS of a fresh process serving from an on-disk registry holding 1, 100 and 1000 
 
 Prints one JSON document, then a table. Timings on a shared machine are noisy: scenarios run
 interleaved in rounds; the table shows each scenario's median run, and each ratio is computed
-within a round (side by side) and then its median taken over rounds. On a
-machine shared with other busy processes, run with ``OMP_WAIT_POLICY=PASSIVE`` (spinning
-OpenMP threads of an oversubscribed CPU slow every matmul by an order of magnitude).
+within a round (side by side) and then its median taken over rounds. Run it on a quiet
+machine without ``OMP_WAIT_POLICY=PASSIVE``: that setting parks torch's pool threads between
+parallel regions, and every one of a step's hundreds of regions then pays a wake-up (a 32-row
+adapter kernel call 14-22 us -> 59-91 us). Only where other busy processes oversubscribe the
+CPU do spinning threads cost more than that.
 """
 
 from __future__ import annotations
