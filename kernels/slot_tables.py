@@ -8,8 +8,9 @@ holds alpha / r. Every module's table lives in two tensors on the pool's device,
 and a module's table is a view of them. ``sync`` rewrites only the slots whose adapter changed
 since it last ran (an install writes one slot's rows, an unload clears them), so a load costs
 one adapter's rows whatever else is resident; the tensors are reallocated only to grow (a new
-module path, a slot beyond the capacity, a rank beyond ``rank_capacity``), which bumps
-``layout_version``: a captured CUDA graph holds the old addresses and is captured again then.
+module path, a slot beyond the capacity, a rank beyond ``rank_capacity``; the rows move over in
+one copy), which bumps ``layout_version``: a captured CUDA graph holds the old addresses and is
+captured again then.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .pool import AdapterWeightPool
 
 TABLE_FIELDS = ("present", "A0", "B0t", "Au", "But", "R", "u", "m", "n", "cA", "cB", "sA", "sB")
 NUM_FIELDS = len(TABLE_FIELDS)
-MIN_SLOTS = 16  # table rows allocated at first; doubled when a larger slot appears
+MIN_SLOTS = 64  # table rows allocated at first (1.4 MB for 210 modules); doubled when a larger slot appears
 MIN_RANK_CAPACITY = 16  # the Triton shrink's z width; doubled when a larger rank appears
 
 
@@ -49,18 +50,23 @@ class SlotTables:
         self.synced_version: int | None = None
         self._written: dict[int, CompactAdapter] = {}  # slot -> the adapter its rows describe
         self._views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.entries = self.scales = torch.zeros(0)
+        self.entries = torch.zeros(0, 0, NUM_FIELDS, dtype=torch.int64, device=pool.device)
+        self.scales = torch.zeros(0, 0, dtype=torch.float32, device=pool.device)
         self._grow(list(module_paths), self.capacity, self.rank_capacity)
 
     def _grow(self, new_paths: list[str], capacity: int, rank_capacity: int) -> None:
+        """New tensors holding the old rows (one copy each, whatever is resident)."""
         for path in new_paths:
             self.index.setdefault(path, len(self.index))
+        old_entries, old_scales = self.entries, self.scales
         self.capacity, self.rank_capacity = capacity, rank_capacity
         device = self.pool.device
         self.entries = torch.zeros(len(self.index), capacity, NUM_FIELDS, dtype=torch.int64, device=device)
         self.scales = torch.zeros(len(self.index), capacity, dtype=torch.float32, device=device)
+        modules, slots = old_scales.shape
+        self.entries[:modules, :slots] = old_entries
+        self.scales[:modules, :slots] = old_scales
         self._views = {path: (self.entries[i], self.scales[i]) for path, i in self.index.items()}
-        self._written = {}  # every slot's rows are written again into the new tensors
         self.layout_version += 1
 
     def sync(self, extra_path: str | None = None) -> None:
@@ -77,7 +83,6 @@ class SlotTables:
         rank_capacity = _at_least_pow2(top_rank, self.rank_capacity)
         if new_paths or capacity != self.capacity or rank_capacity != self.rank_capacity:
             self._grow(new_paths, capacity, rank_capacity)
-            changed = dict(resident)
         for slot in [s for s in self._written if s not in resident or s in changed]:
             self.entries[:, slot] = 0
             self.scales[:, slot] = 0

@@ -43,7 +43,7 @@ def test_incremental_sync_equals_tables_built_from_scratch(seed: int) -> None:
         if resident and rng.random() < 0.4:
             pool.unload(rng.choice(resident))
         else:
-            free = [s for s in range(24) if s not in pool.slots]  # past 16 slots: the tables grow
+            free = [s for s in range(90) if s not in pool.slots]  # past 64 slots: the tables grow
             pool.load(rng.choice(free), random_adapter(rng, seed=100 * seed + step))
         if rng.random() < 0.7:  # sometimes several changes land between two syncs
             assert_tables_match_pool(tables)

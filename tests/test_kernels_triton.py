@@ -126,9 +126,11 @@ def test_slot_tables_are_rewritten_in_place_when_adapters_come_and_go() -> None:
     backend.launch(y2, x, pool, module, row_slots)
     assert torch.equal(y2[0], y[0]) and not torch.allclose(y2[2], y[2])
     assert (tables.entries.data_ptr(), tables.layout_version) == (entries, layout)
-    pool.load(40, make_adapter(*CONFIGS[2], alpha=1.0, seed=40))  # past 16 slots
-    backend.launch(y2, x, pool, module, row_slots)
-    assert tables.layout_version == layout + 1 and tables.capacity == 64
+    pool.load(70, make_adapter(*CONFIGS[2], alpha=1.0, seed=70))  # past 64 slots
+    y3 = torch.zeros_like(y)
+    backend.launch(y3, x, pool, module, row_slots)
+    assert tables.layout_version == layout + 1 and tables.capacity == 128
+    assert torch.equal(y3, y2)  # the other slots' rows moved over with the growth
     pool.load(41, make_adapter(24, 0, 1, 1, alpha=1.0, seed=41))  # rank 24 > 16
     backend.launch(y2, x, pool, module, row_slots)
     assert tables.layout_version == layout + 2 and tables.rank_capacity == 32
