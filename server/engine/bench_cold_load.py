@@ -101,8 +101,11 @@ async def cold_and_warm(engine: AsyncLLMEngine, prompt: str, adapters: list[str]
 async def under_load(engine: AsyncLLMEngine, prompt: str, warm: list[str], cold: list[str]) -> dict[str, Any]:
     for adapter_id in warm:
         await ttft(engine, f"load-warmup-{adapter_id}", prompt, adapter_id)
-    streams = [asyncio.create_task(_drain(engine, f"stream-{a}", prompt, a)) for a in warm]
-    await asyncio.sleep(1.0)  # the 16 streams are decoding
+    # Staggered starts: streams that restart together would prefill together, and those bursts
+    # (not the adapter reads) would set the tail of every request's TTFT.
+    streams = [asyncio.create_task(_drain(engine, f"stream-{a}", prompt, a, delay=i * STAGGER_S))
+               for i, a in enumerate(warm)]
+    await asyncio.sleep(len(warm) * STAGGER_S + 1.0)  # all 16 streams are decoding
     cold_ms, warm_ms = [], []
     try:
         for i, adapter_id in enumerate(cold):
@@ -121,12 +124,17 @@ async def under_load(engine: AsyncLLMEngine, prompt: str, warm: list[str], cold:
             "warm_ms_in_order": warm_ms}
 
 
+STAGGER_S = 0.25  # between the streams' starts: 16 of them spread over ~4 s of 64-token turns
+
+
 def _p99(ordered: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
-async def _drain(engine: AsyncLLMEngine, request_id: str, prompt: str, adapter_id: str) -> None:
+async def _drain(engine: AsyncLLMEngine, request_id: str, prompt: str, adapter_id: str,
+                 delay: float) -> None:
     """One warm stream: 64-token requests back to back (bounded contexts: no KV pressure)."""
+    await asyncio.sleep(delay)
     for turn in range(1_000_000):
         async for _ in engine.generate(f"{request_id}-{turn}", prompt, STREAMING, adapter_id):
             pass
