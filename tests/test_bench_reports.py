@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from prolora_serve.server.engine.bench import (BenchConfig, Measurement, median_ratios, median_run,
                                                ratios)
@@ -51,3 +52,27 @@ def test_median_run_picks_an_actual_middle_run_per_scenario() -> None:
 def test_bench_config_rejects_nonsense(options: dict) -> None:
     with pytest.raises(ValueError):
         BenchConfig(**options)
+
+
+def test_the_model_bench_times_each_step_with_and_without_distinct_adapters() -> None:
+    """``bench model --adapters N``: interleaved pairs on the same batch, the adapted step on a
+    pool of N adapters with row i on adapter i % N; the two forwards differ (adapters applied)."""
+    from transformers import LlamaConfig
+
+    from prolora_serve.server.engine.bench_model import decode_step_times, distinct_adapters
+    from prolora_serve.server.engine.loader import LoadedModel
+    from prolora_serve.server.engine.model import LlamaModel
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    loaded = LoadedModel(LlamaModel(config).eval(), None, config, "tiny", 0, [0], "fp32")
+    step = distinct_adapters(loaded, count=3, batch=5)
+    assert step.pool.slots == {0, 1, 2} and step.batch.row_slots.tolist() == [0, 1, 2, 0, 1]
+    base, adapted = decode_step_times(loaded, batch=5, context=6, steps=4, adapters=step)
+    assert len(base) == len(adapted) == 3 and all(t > 0 for t in base + adapted)
+    x = torch.randn(5, 32)
+    y = torch.zeros(5, 32)
+    step.apply("model.layers.0.self_attn.q_proj", x, y)
+    assert y.abs().sum(dim=1).gt(0).all()  # every row's adapter adds a delta
+    assert decode_step_times(loaded, batch=2, context=3, steps=3)[1] == []
