@@ -35,7 +35,7 @@ _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torc
 
 @dataclass(frozen=True)
 class _Tensor:
-    offset: int | None  # its place among the file's tensors in data order; None: omitted (zero-size)
+    place: int | None  # its index among the file's tensors in data order; None: omitted (zero-size)
     shape: tuple[int, int]
 
 
@@ -63,8 +63,8 @@ class _Structure:
         chunks = flat.split(self.split_sizes)
         modules = {}
         for path, spec, tensors in self.modules:
-            parts = [torch.zeros(t.shape, dtype=self.dtype) if t.offset is None
-                     else chunks[t.offset].view(t.shape) for t in tensors]
+            parts = [torch.zeros(t.shape, dtype=self.dtype) if t.place is None
+                     else chunks[t.place].view(t.shape) for t in tensors]
             modules[path] = CompactLinearWeights(spec, *parts)
         return CompactAdapter(self.config, modules)
 
@@ -109,7 +109,7 @@ def _structure_of(adapter: CompactAdapter, header: dict, data_start: int,
         modules.append((path, weights.spec, tuple(tensors)))
     sizes = tuple((end - start) // itemsize for start, end, _ in spans)
     if any(start % itemsize for start, _, _ in spans) or len(place) != sum(
-            t.offset is not None for _, _, ts in modules for t in ts):
+            t.place is not None for _, _, ts in modules for t in ts):
         return None  # misaligned, or a tensor the adapter does not use
     return _Structure(adapter.config, dtype, data_start, data_bytes // itemsize, sizes,
                       tuple(modules))
