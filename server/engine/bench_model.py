@@ -22,6 +22,7 @@ import torch
 from ...kernels import (AdapterContext, AdapterStep, AdapterWeightPool, NoAdapters,
                         build_adapter_batch, get_backend)
 from ...kernels.metadata import SeqSlice, StepMetadata, blocks_needed, build_attention_metadata
+from ..config import ADAPTER_DTYPES
 from .bench import random_adapter
 from .engine import resolve_adapter_dtype
 from .loader import LoadedModel, default_model_hf_dir, load_base_model
@@ -35,12 +36,13 @@ def use_bnb_native_forward(loaded: LoadedModel) -> None:
             module.__class__ = bnb.nn.Linear8bitLt
 
 
-def distinct_adapters(loaded: LoadedModel, count: int, batch: int) -> AdapterStep:
+def distinct_adapters(loaded: LoadedModel, count: int, batch: int,
+                      adapter_dtype: str = "auto") -> AdapterStep:
     """``count`` random PRoLoRA adapters (``bench.py``'s: r=8, u=1, m=n=7 on all seven
-    projections) resident as the engine keeps them next to this base (``--adapter-dtype
-    auto``), row i of the batch on adapter i % count."""
+    projections) resident in ``adapter_dtype`` as the engine resolves it (``--adapter-dtype``),
+    row i of the batch on adapter i % count."""
     model = loaded.model
-    pool = AdapterWeightPool(model.device, resolve_adapter_dtype("auto", loaded.dtype, model.dtype))
+    pool = AdapterWeightPool(model.device, resolve_adapter_dtype(adapter_dtype, loaded.dtype, model.dtype))
     for slot in range(count):
         pool.load(slot, random_adapter(model.linear_shapes(), slot))
     context = AdapterContext(pool, get_backend("auto", model.device, model.dtype))
@@ -75,18 +77,18 @@ def decode_step_times(loaded: LoadedModel, batch: int, context: int, steps: int,
 
 
 def run(dtypes: list[str], batches: list[int], context: int, steps: int,
-        cache_dir: Path | None = None, adapters: int = 0) -> dict:
+        cache_dir: Path | None = None, adapters: int = 0, adapter_dtype: str = "auto") -> dict:
     started = time.perf_counter()
     default_model_hf_dir(cache_dir)  # converts the GGUF on first use
     results: dict = {"context": context, "steps": steps, "threads": torch.get_num_threads(),
-                     "adapters": adapters,
+                     "adapters": adapters, "adapter_dtype": adapter_dtype,
                      "convert_or_locate_s": round(time.perf_counter() - started, 2), "runs": []}
     for name in dtypes:
         loaded = load_base_model(None, dtype=name.removesuffix("-bnb"), cache_dir=cache_dir)
         if name.endswith("-bnb"):
             use_bnb_native_forward(loaded)
         for batch in batches:
-            step = distinct_adapters(loaded, adapters, batch) if adapters else None
+            step = distinct_adapters(loaded, adapters, batch, adapter_dtype) if adapters else None
             times, adapted = decode_step_times(loaded, batch, context, steps, step)
             row = {"dtype": name, "batch": batch, "load_s": round(loaded.load_seconds, 2),
                    "nbytes": loaded.nbytes, "step_ms_median": round(1e3 * statistics.median(times), 2),
@@ -128,12 +130,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapters", type=int, default=0,
                         help="also time each step with this many distinct adapters (row i on "
                              "adapter i %% N), interleaved with the base-only step")
+    parser.add_argument("--adapter-dtype", default="auto", choices=ADAPTER_DTYPES,
+                        help="resident weights of --adapters (auto: as the engine chooses)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (1 is steadier on a shared CPU)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run(args.dtypes, args.batches, args.context, args.steps, args.cache_dir, args.adapters)
+    results = run(args.dtypes, args.batches, args.context, args.steps, args.cache_dir, args.adapters,
+                  args.adapter_dtype)
     print(json.dumps(results))
     print_table(results)
 
