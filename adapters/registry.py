@@ -126,10 +126,23 @@ def _format():
     return adapter_format
 
 
-def _known_headers(linear_shapes: Mapping[str, tuple[int, int]]):
-    from .known_headers import KnownHeaders  # torch, on first use like _format
+class _WeightsReader:
+    """What both registry kinds read weights files with: ``known_headers.KnownHeaders``, made on
+    the first read (it imports torch, like ``_format``)."""
 
-    return KnownHeaders(linear_shapes)
+    def __init__(self, linear_shapes: Mapping[str, tuple[int, int]]) -> None:
+        self.linear_shapes = dict(linear_shapes)
+        self._known: Any = None
+
+    def read(self, adapter_id: str, weights: Path) -> CompactAdapter:
+        if self._known is None:
+            from .known_headers import KnownHeaders
+
+            self._known = KnownHeaders(self.linear_shapes)
+        try:
+            return self._known.load(weights)
+        except FileNotFoundError:  # deleted between the lookup and the read
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist") from None
 
 
 def _copy_limited(source: BinaryIO, target: Path, budget: int) -> int:
@@ -175,7 +188,7 @@ class AdapterRegistry:
         self.root = Path(root)
         self.linear_shapes = dict(linear_shapes)
         self.max_upload_bytes = max_upload_bytes
-        self._known_headers = None  # made on the first read (it imports torch)
+        self._weights = _WeightsReader(self.linear_shapes)
         self._lock = threading.Lock()  # one mutation at a time (uploads, deletes)
         self.root.mkdir(parents=True, exist_ok=True)
         self._staging = self.root / STAGING_DIR
@@ -211,15 +224,7 @@ class AdapterRegistry:
         """Read and validate the weights (raises ``AdapterNotFoundError``); a file whose header
         was validated before has only its values checked (``known_headers.py``)."""
         self.get(adapter_id)
-        try:
-            return self._headers().load(self._weights_path(adapter_id))
-        except FileNotFoundError:  # deleted between the lookup and the read
-            raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist") from None
-
-    def _headers(self):
-        if self._known_headers is None:
-            self._known_headers = _known_headers(self.linear_shapes)
-        return self._known_headers
+        return self._weights.read(adapter_id, self._weights_path(adapter_id))
 
     # ---- queries -----------------------------------------------------------------------
     def get(self, adapter_id: str) -> AdapterRecord:
@@ -553,7 +558,7 @@ class RegistryReader:
     def __init__(self, root: Path, linear_shapes: Mapping[str, tuple[int, int]]) -> None:
         self.root = Path(root)
         self.linear_shapes = dict(linear_shapes)
-        self._known_headers = None  # made on the first read (it imports torch)
+        self._weights = _WeightsReader(self.linear_shapes)
 
     def _path(self, adapter_id: str, suffix: str) -> Path | None:
         if not isinstance(adapter_id, str) or not ADAPTER_ID_PATTERN.fullmatch(adapter_id) \
@@ -580,15 +585,7 @@ class RegistryReader:
         weights = self._path(adapter_id, WEIGHTS_SUFFIX)
         if weights is None or not self.has_adapter(adapter_id):
             raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist")
-        try:
-            return self._headers().load(weights)
-        except FileNotFoundError:  # deleted between the lookup and the read
-            raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist") from None
-
-    def _headers(self):
-        if self._known_headers is None:
-            self._known_headers = _known_headers(self.linear_shapes)
-        return self._known_headers
+        return self._weights.read(adapter_id, weights)
 
     def records(self) -> Iterator[AdapterRecord]:
         """The committed records, read from their files (unreadable ones are skipped)."""
