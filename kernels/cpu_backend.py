@@ -11,7 +11,6 @@ are float32. Semantics are those of torch_backend.py; the float64 reference chec
 
 from __future__ import annotations
 
-import weakref
 from typing import Sequence
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from .cpu_extension import ELEMENT_TYPE_CODES, load_extension
 from .metadata import AdapterBatch
 from .pool import AdapterWeightPool
-from .slot_tables import NUM_FIELDS, SlotTables
+from .slot_tables import NUM_FIELDS, TablesPerPool
 
 
 class CpuBackend:
@@ -30,14 +29,7 @@ class CpuBackend:
         if self.kernel.NUM_FIELDS != NUM_FIELDS:
             raise RuntimeError(f"stale kernel build: {self.kernel.NUM_FIELDS} table fields, "
                                f"expected {NUM_FIELDS}")
-        self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def tables(self, pool: AdapterWeightPool) -> SlotTables:
-        """The pool's slot tables (made on first use)."""
-        tables = self._tables.get(pool)
-        if tables is None:
-            tables = self._tables[pool] = SlotTables(pool)
-        return tables
+        self.tables = TablesPerPool()
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, pool: AdapterWeightPool, module_path: str,
               batch: AdapterBatch) -> None:
@@ -53,7 +45,7 @@ class CpuBackend:
                     if pool.module(path) is not None]
         if not targeted:
             return
-        tables = self.tables(pool)
+        tables = self.tables.of(pool)
         views = [tables.module(path) for _, path in targeted]
         # The binding widens x to contiguous float32 and checks each y (contiguous float32). For
         # 16-bit activations (a bf16/fp16 base) the deltas are summed in float32, then added to

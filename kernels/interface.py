@@ -112,7 +112,4 @@ class AdapterStep:
             x, ys = x.reshape(-1, x.shape[-1]), [y.view(-1, y.shape[-1]) for y in ys]
         if x.shape[0] != batch.num_rows:
             raise ValueError(f"{module_paths[0]}: {x.shape[0]} rows but the step has {batch.num_rows}")
-        if len(ys) == 1:
-            self.backend.apply(ys[0], x, self.pool, module_paths[0], batch)
-        else:
-            self.backend.apply_many(ys, x, self.pool, module_paths, batch)
+        self.backend.apply_many(ys, x, self.pool, module_paths, batch)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..adapters.dense import materialize
-from .metadata import AdapterBatch, AttentionMetadata
 from .interface import OneModuleAtATime
+from .metadata import AdapterBatch, AttentionMetadata
 from .pool import AdapterWeightPool
 
 

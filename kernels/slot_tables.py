@@ -15,6 +15,8 @@ captured again then.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..adapters.weights import CompactAdapter, CompactLinearWeights
@@ -116,3 +118,17 @@ class SlotTables:
                 entries[module, slot] = torch.tensor(table_entry(weights), dtype=torch.int64)
                 scales[module, slot] = weights.spec.scale
         return entries, scales
+
+
+class TablesPerPool:
+    """One ``SlotTables`` per pool, made on first use: what a backend keeps for every pool it
+    is handed (weakly: a dropped pool takes its tables with it)."""
+
+    def __init__(self) -> None:
+        self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def of(self, pool: AdapterWeightPool, module_paths: tuple[str, ...] | list[str] = ()) -> SlotTables:
+        tables = self._tables.get(pool)
+        if tables is None:
+            tables = self._tables[pool] = SlotTables(pool, module_paths)
+        return tables

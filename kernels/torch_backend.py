@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .interface import OneModuleAtATime
 from .metadata import AdapterBatch
 from .plan import GatheredGroup, Segment, cached_module_plan
-from .interface import OneModuleAtATime
 from .pool import AdapterWeightPool
 
 

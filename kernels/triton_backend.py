@@ -29,16 +29,14 @@ walking h. Checked on the CPU under TRITON_INTERPRET=1 against ``reference.Refer
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
 
-from .metadata import AdapterBatch
 from .interface import OneModuleAtATime
+from .metadata import AdapterBatch
 from .pool import AdapterWeightPool
-from .slot_tables import NUM_FIELDS, SlotTables
+from .slot_tables import NUM_FIELDS, SlotTables, TablesPerPool
 
 BLOCK_K = 16  # ranks per tile
 BLOCK_J = 128  # input features per shrink program (the column split)
@@ -174,17 +172,15 @@ class TritonBackend(OneModuleAtATime):
     name = "triton"
 
     def __init__(self) -> None:
-        self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._tables = TablesPerPool()
 
     def tables(self, pool: AdapterWeightPool,
                module_paths: tuple[str, ...] | list[str] = ()) -> SlotTables:
         """The pool's device tables (made on first use; ``module_paths`` registered up front,
         as the CUDA-graph runner does for every adaptable projection of the model)."""
-        tables = self._tables.get(pool)
-        if tables is None:
-            if pool.dtype not in _TL_DTYPES:
-                raise TypeError(f"the triton backend reads float32/bfloat16/float16 pools, not {pool.dtype}")
-            tables = self._tables[pool] = SlotTables(pool, module_paths)
+        if pool.dtype not in _TL_DTYPES:
+            raise TypeError(f"the triton backend reads float32/bfloat16/float16 pools, not {pool.dtype}")
+        tables = self._tables.of(pool, module_paths)
         for path in module_paths:
             tables.sync(path)
         return tables
