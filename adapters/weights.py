@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 import torch
@@ -79,19 +77,6 @@ class CompactAdapter:
     @property
     def nbytes(self) -> int:
         return sum(w.nbytes for w in self.modules.values())
-
-    def digest(self) -> bytes:
-        """A 16-byte BLAKE2b of the config and every weight's bytes: the adapter's identity
-        (equal digests, equal deltas), independent of its id."""
-        hasher = hashlib.blake2b(digest_size=16)
-        hasher.update(json.dumps(self.config.to_json_dict(), sort_keys=True).encode())
-        flat = []
-        for path, weights in sorted(self.modules.items()):
-            hasher.update(f"{path}:{weights.spec}".encode())
-            flat += [t.detach().reshape(-1).view(torch.uint8) for t in weights.tensors() if t.numel()]
-        if flat:  # one contiguous buffer: one hash update instead of one per tensor
-            hasher.update(torch.cat(flat).cpu().numpy().tobytes())
-        return hasher.digest()
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """Module path -> (in_features, out_features) of every adapted module."""

@@ -232,9 +232,12 @@ def test_a_zero_host_budget_reads_evicted_adapters_again() -> None:
 
 
 def test_prepared_identity_is_the_weights_digest_not_the_id() -> None:
-    same, other = make_adapter(1), make_adapter(2)
-    assert same.digest() == make_adapter(1).digest() != other.digest()
-    assert same.digest() != same.to(dtype=torch.float16).digest()  # other stored bytes
+    source = FakeSource({"same": make_adapter(1), "twin": make_adapter(1), "other": make_adapter(2),
+                         "rounded": make_adapter(1).to(dtype=torch.float16)})
+    cache = AdapterCache(AdapterWeightPool("cpu", torch.float32), 1 << 20, source)
+    identity = {a: cache.identity(acquire_now(cache, a)) for a in source.adapters}
+    assert identity["same"] == identity["twin"] != identity["other"]
+    assert identity["same"] != identity["rounded"]  # other stored bytes
 
 
 def test_a_failed_read_is_not_reused_by_a_later_prepare() -> None:
