@@ -14,6 +14,7 @@ from prolora_serve.adapters.config import ProLoRAConfig
 from prolora_serve.adapters.format import AdapterFormatError, load_adapter, save_adapter
 from prolora_serve.adapters.known_headers import KnownHeaders
 from prolora_serve.adapters.weights import CompactAdapter
+from test_adapters_format import assert_same_adapter
 
 # h and o not divisible by m or n; two layers of two modules
 SHAPES = {f"model.layers.{i}.{block}.{name}": dims for i in range(2)
@@ -39,13 +40,9 @@ def write(tmp_path: Path, name: str, a: CompactAdapter) -> Path:
 
 
 def assert_same(loaded: CompactAdapter, expected: CompactAdapter) -> None:
-    assert loaded.config == expected.config
+    """Equal adapters, modules in the same order too (the pool lays them out in that order)."""
+    assert_same_adapter(loaded, expected)
     assert list(loaded.modules) == list(expected.modules)
-    for path, weights in expected.modules.items():
-        got = loaded.modules[path]
-        assert got.spec == weights.spec
-        for a, b in zip(got.tensors(), weights.tensors()):
-            assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
