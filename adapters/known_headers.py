@@ -129,47 +129,57 @@ class KnownHeaders:
     def load(self, path: Path) -> CompactAdapter:
         data = bytearray(adapter_format.read_file(path))
         raw = _raw_header(data)
-        structure = self._lookup(raw) if raw is not None else None
-        adapter = structure.build(data) if structure is not None else None
+        seen = self._lookup(raw) if raw is not None else _Seen(False, None)
+        adapter = seen.structure.build(data) if seen.structure is not None else None
         if adapter is not None:
             self.fast_loads += 1
             return adapter
         adapter = adapter_format.load_adapter_bytes(None, bytes(data), self.linear_shapes,
                                                     source=str(path))
         self.full_loads += 1
-        header = _parse(raw) if raw is not None else None
-        if header is not None and structure is None:
+        if not seen.known and seen.header is not None:
             data_start = HEADER_LENGTH_BYTES + len(raw)
-            self._learn(raw, header, _structure_of(adapter, header, data_start, len(data) - data_start))
+            learned = _structure_of(adapter, seen.header, data_start, len(data) - data_start)
+            with self._lock:
+                self._remember(seen.canonical, learned)
+                self._remember(seen.spelling, learned)
         return adapter
 
-    def _lookup(self, raw: bytes) -> _Structure | None:
+    def _lookup(self, raw: bytes) -> "_Seen":
         """By the header's bytes; else by its canonical JSON (safetensors writes its metadata
         map in any order, so one header has several spellings), remembering this spelling."""
         spelling = _key(b"raw", raw)
         with self._lock:
             if spelling in self._known:
                 self._known.move_to_end(spelling)
-                return self._known[spelling]
+                return _Seen(True, self._known[spelling])
         header = _parse(raw)
         if header is None:
-            return None
+            return _Seen(False, None)
+        canonical = _canonical(header)
         with self._lock:
-            structure = self._known.get(_canonical(header))
-            if structure is not None:
-                self._remember(spelling, structure)
-            return structure
-
-    def _learn(self, raw: bytes, header: dict, structure: _Structure | None) -> None:
-        with self._lock:
-            self._remember(_canonical(header), structure)
-            self._remember(_key(b"raw", raw), structure)
+            if canonical in self._known:
+                self._remember(spelling, self._known[canonical])
+                return _Seen(True, self._known[canonical])
+        return _Seen(False, None, header, canonical, spelling)
 
     def _remember(self, key: bytes, structure: _Structure | None) -> None:
         self._known[key] = structure
         self._known.move_to_end(key)
         while len(self._known) > self.capacity:
             self._known.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What the memo knows of a header: ``known`` (learnable or not: ``structure`` None), else
+    the parsed header and its keys, to learn it from the full validation."""
+
+    known: bool
+    structure: _Structure | None
+    header: dict | None = None
+    canonical: bytes = b""
+    spelling: bytes = b""
 
 
 def _raw_header(data: bytearray) -> bytes | None:

@@ -121,3 +121,22 @@ def test_other_base_shapes_are_checked_again(tmp_path: Path) -> None:
     other = {**SHAPES, "model.layers.0.self_attn.q_proj": (26, 34)}
     with pytest.raises(AdapterFormatError, match="q_proj"):
         KnownHeaders(other).load(path)
+
+
+def test_a_header_that_cannot_be_learned_is_remembered_as_such(tmp_path: Path, monkeypatch) -> None:
+    """Mixed dtypes: the full path every time, but the header is worked out only once."""
+    from prolora_serve.adapters import known_headers
+
+    learned = []
+    real = known_headers._structure_of
+    monkeypatch.setattr(known_headers, "_structure_of", lambda *a: learned.append(1) or real(*a))
+    known = KnownHeaders(SHAPES)
+    tensors = safetensors.torch.load_file(write(tmp_path, "s", adapter("prolora", 0)))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].float()
+    path = tmp_path / "s.safetensors"
+    metadata = safetensors.safe_open(path, "pt").metadata()
+    safetensors.torch.save_file(tensors, path, metadata)
+    for _ in range(3):
+        assert_same(known.load(path), load_adapter(path, SHAPES))
+    assert (known.full_loads, known.fast_loads, len(learned)) == (3, 0, 1)
