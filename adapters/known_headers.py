@@ -26,17 +26,11 @@ import torch
 from . import format as adapter_format
 from .config import LayerSpec, ProLoRAConfig
 from .state_dict import LinearShapes, tensor_key
-from .weights import TENSOR_NAMES, CompactAdapter, CompactLinearWeights
+from .weights import TENSOR_NAMES, CompactAdapter, CompactLinearWeights, ViewPlace, views_of
 
 HEADER_LENGTH_BYTES = 8  # safetensors: little-endian u64 header length, then the JSON header
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
                        "F64": torch.float64}
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    place: int | None  # its index among the file's tensors in data order; None: omitted (zero-size)
-    shape: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -47,8 +41,10 @@ class _Structure:
     dtype: torch.dtype
     data_start: int  # bytes
     num_elements: int
-    split_sizes: tuple[int, ...]  # element counts of the file's tensors in data order
-    modules: tuple[tuple[str, LayerSpec, tuple[_Tensor, ...]], ...]
+    # per module: its path, spec and where its A0, B0, Au, Bu lie among the data's elements
+    # (an omitted zero-size tensor at 0)
+    modules: tuple[tuple[str, LayerSpec], ...]
+    places: tuple[ViewPlace, ...]  # 4 per module, in module order
 
     def build(self, data: bytearray) -> CompactAdapter | None:
         """The adapter as views of ``data``; None if a value is not finite or the data is not
@@ -57,16 +53,20 @@ class _Structure:
             return None
         flat = torch.frombuffer(data, dtype=self.dtype, count=self.num_elements,
                                 offset=self.data_start)
-        if not bool(torch.isfinite(flat).all()):
+        if not _all_finite(flat):
             return None
-        # one split of the buffer in file order (safetensors leaves no gaps), then a view each
-        chunks = flat.split(self.split_sizes)
-        modules = {}
-        for path, spec, tensors in self.modules:
-            parts = [torch.zeros(t.shape, dtype=self.dtype) if t.place is None
-                     else chunks[t.place].view(t.shape) for t in tensors]
-            modules[path] = CompactLinearWeights(spec, *parts)
-        return CompactAdapter(self.config, modules)
+        views = views_of(flat, self.places)
+        return CompactAdapter(self.config, {
+            path: CompactLinearWeights.of_known_shapes(spec, *views[4 * index:4 * index + 4])
+            for index, (path, spec) in enumerate(self.modules)})
+
+
+def _all_finite(flat: torch.Tensor) -> bool:
+    """A sum is finite unless a value is NaN or infinite or the sum overflows (finite float16
+    weights can sum past 65504); only a non-finite sum takes the elementwise check, which costs
+    ten times as much. The sum in the data's own dtype: asking for float32 converts the whole
+    tensor first."""
+    return bool(torch.isfinite(flat.sum())) or bool(torch.isfinite(flat).all())
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -90,29 +90,27 @@ def _structure_of(adapter: CompactAdapter, header: dict, data_start: int,
     if spans[0][0] != 0 or spans[-1][1] != data_bytes or any(
             a[1] != b[0] for a, b in zip(spans, spans[1:])):
         return None
-    place = {key: index for index, (_, _, key) in enumerate(spans)}
-    modules = []
+    modules, places, used = [], [], 0
     for path, weights in adapter.modules.items():
-        tensors = []
         for name, tensor in zip(TENSOR_NAMES, weights.tensors()):
             entry = entries.get(tensor_key(path, name, lora))
-            shape = tuple(tensor.shape)
+            rows, cols = tensor.shape
             if entry is None:
                 if tensor.numel() or tensor.dtype != dtype:
                     return None
-                tensors.append(_Tensor(None, shape))
+                places.append(((rows, cols), (cols, 1), 0))
                 continue
             start, end = entry["data_offsets"]
-            if tuple(entry["shape"]) != shape or end - start != tensor.numel() * itemsize:
+            if (tuple(entry["shape"]) != (rows, cols) or end - start != tensor.numel() * itemsize
+                    or start % itemsize):
                 return None
-            tensors.append(_Tensor(place[tensor_key(path, name, lora)], shape))
-        modules.append((path, weights.spec, tuple(tensors)))
-    sizes = tuple((end - start) // itemsize for start, end, _ in spans)
-    if any(start % itemsize for start, _, _ in spans) or len(place) != sum(
-            t.place is not None for _, _, ts in modules for t in ts):
-        return None  # misaligned, or a tensor the adapter does not use
-    return _Structure(adapter.config, dtype, data_start, data_bytes // itemsize, sizes,
-                      tuple(modules))
+            places.append(((rows, cols), (cols, 1), start // itemsize))
+            used += 1
+        modules.append((path, weights.spec))
+    if used != len(entries):
+        return None  # a tensor the adapter does not use
+    return _Structure(adapter.config, dtype, data_start, data_bytes // itemsize, tuple(modules),
+                      tuple(places))
 
 
 class KnownHeaders:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,15 @@ class CompactLinearWeights:
             expected = shapes[name]
             if tuple(tensor.shape) != expected:
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {expected}")
+
+    @classmethod
+    def of_known_shapes(cls, spec: LayerSpec, A0: torch.Tensor, B0: torch.Tensor,
+                        Au: torch.Tensor, Bu: torch.Tensor) -> "CompactLinearWeights":
+        """Without the shape check: for tensors whose shapes were checked once for the layout
+        they are views of (a loader makes 210 of these per adapter; the check is most of it)."""
+        weights = object.__new__(cls)
+        weights.spec, weights.A0, weights.B0, weights.Au, weights.Bu = spec, A0, B0, Au, Bu
+        return weights
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return (self.A0, self.B0, self.Au, self.Bu)
@@ -58,6 +68,17 @@ class CompactLinearWeights:
         shapes = spec.tensor_shapes()
         return cls(spec, *(torch.randn(shapes[n], generator=generator, dtype=dtype) * std
                            for n in TENSOR_NAMES))
+
+
+# Where a view lies in its flat tensor: shape, strides and offset in elements.
+ViewPlace = tuple[tuple[int, int], tuple[int, int], int]
+
+
+def views_of(flat: torch.Tensor, places: Iterable[ViewPlace]) -> list[torch.Tensor]:
+    """Views of ``flat`` (1-D, contiguous) at these places: one ``as_strided`` each (a split
+    then a view makes two tensor objects, and an adapter has 840 tensors)."""
+    base = flat.storage_offset()  # as_strided counts from the storage
+    return [flat.as_strided(shape, strides, base + offset) for shape, strides, offset in places]
 
 
 @dataclass

@@ -16,7 +16,8 @@ import threading
 import torch
 
 from ..adapters.errors import AdapterFormatError
-from ..adapters.weights import TENSOR_NAMES, CompactAdapter, CompactLinearWeights
+from ..adapters.weights import (TENSOR_NAMES, CompactAdapter, CompactLinearWeights, ViewPlace,
+                                views_of)
 
 
 def kernel_layout(adapter: CompactAdapter, device: torch.device, dtype: torch.dtype) -> CompactAdapter:
@@ -24,29 +25,35 @@ def kernel_layout(adapter: CompactAdapter, device: torch.device, dtype: torch.dt
     each as A0 (R, cA), B0^T (R, cB), Au (u, h), Bu^T (u, o) row-major, so kernels read
     contiguous runs of output features and a row's weights sit on few pages. Exactly the compact
     bytes; B0 and Bu are views of their transposed storage with the usual shapes."""
-    def parts(w: CompactLinearWeights) -> tuple[torch.Tensor, ...]:
-        return (w.A0, w.B0.T, w.Au, w.Bu.T)
-
-    # One split and one batched copy: per-tensor ops cost microseconds each, and an adapter on
-    # all seven projections of a 30-layer model has 840 tensors.
-    sources = [part for w in adapter.modules.values() for part in parts(w)]
+    sources = [part for w in adapter.modules.values() for part in w.tensors()]
     arena = torch.empty(adapter.num_params, dtype=dtype, device=device)
-    views = [chunk.view(part.shape)
-             for chunk, part in zip(arena.split([part.numel() for part in sources]), sources)]
+    # One view each and one batched copy: per-tensor ops cost microseconds each, and an
+    # adapter on all seven projections of a 30-layer model has 840 tensors.
+    views = views_of(arena, _resident_places(sources))
     torch._foreach_copy_(views, sources)
-    modules = {}
-    for index, (path, w) in enumerate(adapter.modules.items()):
-        a0, b0t, au, but = views[4 * index:4 * index + 4]
-        modules[path] = CompactLinearWeights(w.spec, a0, b0t.T, au, but.T)
-    return CompactAdapter(adapter.config, modules)
+    return CompactAdapter(adapter.config, {
+        path: CompactLinearWeights.of_known_shapes(w.spec, *views[4 * index:4 * index + 4])
+        for index, (path, w) in enumerate(adapter.modules.items())})
+
+
+def _resident_places(parts: list[torch.Tensor]) -> list[ViewPlace]:
+    """Where ``kernel_layout`` puts each of A0, B0, Au, Bu (module after module): B0 and Bu
+    (the odd ones) are stored transposed, so their views have column-major strides."""
+    places, offset = [], 0
+    for index, part in enumerate(parts):
+        rows, cols = part.shape
+        places.append(((rows, cols), (1, rows) if index % 2 else (cols, 1), offset))
+        offset += rows * cols
+    return places
 
 
 def resident_identity(laid_out: CompactAdapter) -> bytes:
-    """A 16-byte BLAKE2b of a ``kernel_layout``-ed adapter: its config, each module's path and
-    spec in layout order, and the bytes of its one allocation (what the kernels read), hashed
-    in one pass. Equal identities, equal deltas, whatever the adapter's id: prefix-cached KV
-    blocks are keyed by it."""
-    hasher = hashlib.blake2b(digest_size=16)
+    """A 16-byte SHA-256 prefix of a ``kernel_layout``-ed adapter: its config, each module's
+    path and spec in layout order, and the bytes of its one allocation (what the kernels read),
+    hashed in one pass. Equal identities, equal deltas, whatever the adapter's id: prefix-cached
+    KV blocks are keyed by it. SHA-256, not BLAKE2b: processors with SHA extensions hash it
+    three times faster (1.1 against 3.3 ms for a 1.6 MB adapter here), on a cold load's path."""
+    hasher = hashlib.sha256()
     hasher.update(json.dumps(laid_out.config.to_json_dict(), sort_keys=True).encode())
     hasher.update("\n".join(f"{path}:{w.spec}" for path, w in laid_out.modules.items()).encode())
     first = next((t for w in laid_out.modules.values() for t in w.tensors()), None)
@@ -56,7 +63,7 @@ def resident_identity(laid_out: CompactAdapter) -> bytes:
             raise ValueError("not a kernel_layout-ed adapter: its tensors are not one allocation")
         arena = torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage)
         hasher.update(arena.cpu().numpy())
-    return hasher.digest()
+    return hasher.digest()[:16]
 
 
 class AdapterWeightPool:

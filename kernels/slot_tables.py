@@ -16,9 +16,11 @@ captured again then.
 from __future__ import annotations
 
 import weakref
+from functools import lru_cache
 
 import torch
 
+from ..adapters.config import LayerSpec
 from ..adapters.weights import CompactAdapter, CompactLinearWeights
 from .pool import AdapterWeightPool
 
@@ -30,12 +32,26 @@ MIN_RANK_CAPACITY = 16  # the Triton shrink's z width; doubled when a larger ran
 
 def table_entry(weights: CompactLinearWeights) -> list[int]:
     """One module's row: the addresses of A0, B0^T, Au, Bu^T and the dims."""
-    spec = weights.spec
-    parts = (weights.A0, weights.B0.T, weights.Au, weights.Bu.T)
-    if not all(t.is_contiguous() for t in parts):
+    a0, b0, au, bu = weights.tensors()
+    if not (a0.is_contiguous() and au.is_contiguous() and _transpose_is_contiguous(b0)
+            and _transpose_is_contiguous(bu)):
         raise ValueError("slot-table kernels read A0, B0^T, Au and Bu^T contiguous (pool layout)")
-    return [1, *(t.data_ptr() for t in parts), spec.shared_r, spec.unshared_r, spec.reduce_a,
-            spec.reduce_b, spec.chunk_a, spec.chunk_b, spec.stride_a, spec.stride_b]
+    # a transpose starts where its tensor does: no transposed views are made (a load writes
+    # 210 rows on the step thread)
+    return [1, a0.data_ptr(), b0.data_ptr(), au.data_ptr(), bu.data_ptr(), *_dims(weights.spec)]
+
+
+@lru_cache(maxsize=1024)
+def _dims(spec: LayerSpec) -> tuple[int, ...]:
+    return (spec.shared_r, spec.unshared_r, spec.reduce_a, spec.reduce_b, spec.chunk_a,
+            spec.chunk_b, spec.stride_a, spec.stride_b)
+
+
+def _transpose_is_contiguous(tensor: torch.Tensor) -> bool:
+    """``tensor.T.is_contiguous()`` without making the view (size-1 dims have any stride)."""
+    rows, cols = tensor.shape
+    return tensor.numel() == 0 or ((cols == 1 or tensor.stride(1) == rows)
+                                   and (rows == 1 or tensor.stride(0) == 1))
 
 
 def _at_least_pow2(value: int, floor: int) -> int:

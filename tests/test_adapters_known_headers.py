@@ -72,17 +72,32 @@ def test_the_same_header_spelled_in_another_key_order_is_known(tmp_path: Path) -
     assert known.fast_loads == 1
 
 
-def test_a_non_finite_value_in_a_known_file_is_refused_by_the_full_check(tmp_path: Path) -> None:
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_value_in_a_known_file_is_refused_by_the_full_check(tmp_path: Path,
+                                                                        value: float) -> None:
     known = KnownHeaders(SHAPES)
     known.load(write(tmp_path, "good", adapter("prolora", 0)))
     bad = adapter("prolora", 1)
-    bad.modules["model.layers.1.mlp.down_proj"].Au[0, 3] = float("nan")
+    bad.modules["model.layers.1.mlp.down_proj"].Au[0, 3] = value
     path = write(tmp_path, "bad", bad)
     with pytest.raises(AdapterFormatError, match="down_proj.*NaN or Inf"):
         known.load(path)
     assert known.fast_loads == 0
     following = write(tmp_path, "next", adapter("prolora", 2))
     assert_same(known.load(following), load_adapter(following, SHAPES))  # still serving
+    assert known.fast_loads == 1
+
+
+def test_finite_values_whose_sum_overflows_still_load_fast(tmp_path: Path) -> None:
+    """The fast path's finiteness check sums in float16 first: 60000s sum past 65504."""
+    known = KnownHeaders(SHAPES)
+    known.load(write(tmp_path, "good", adapter("prolora", 0)))
+    large = adapter("prolora", 1)
+    for weights in large.modules.values():
+        for tensor in weights.tensors():
+            tensor.fill_(60000.0)
+    path = write(tmp_path, "large", large)
+    assert_same(known.load(path), load_adapter(path, SHAPES))
     assert known.fast_loads == 1
 
 

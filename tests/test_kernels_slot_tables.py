@@ -11,7 +11,7 @@ import torch
 
 from prolora_serve.kernels import AdapterWeightPool, build_adapter_batch, get_backend
 from prolora_serve.kernels.metadata import NO_ADAPTER
-from prolora_serve.kernels.slot_tables import SlotTables
+from prolora_serve.kernels.slot_tables import SlotTables, _transpose_is_contiguous
 from test_kernels import CONFIGS, MODULES, make_adapter
 
 # adapters targeting one or both modules, so a replacement may leave a module's row behind
@@ -101,3 +101,15 @@ def test_resident_identity_follows_the_weights_and_config_not_the_object() -> No
     assert same != identity(make_adapter(*CONFIGS[0], alpha=4.0, seed=1), torch.float16)
     with pytest.raises(ValueError, match="one allocation"):
         resident_identity(make_adapter(*CONFIGS[0], alpha=4.0, seed=1))  # not laid out
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (1, 5), (5, 1), (1, 1), (0, 4), (4, 0)])
+def test_the_transpose_contiguity_check_agrees_with_torch(shape: tuple[int, int]) -> None:
+    """Rows check B0^T and Bu^T without making the transposed views: same answer as torch on
+    row-major, column-major and sliced tensors."""
+    rows, cols = shape
+    candidates = [torch.zeros(rows, cols), torch.zeros(cols, rows).T,
+                  torch.zeros(rows, cols + 2)[:, :cols], torch.zeros(cols + 2, rows).T[:, :],
+                  torch.zeros(cols, rows + 1).T[:rows]]
+    for tensor in candidates:
+        assert _transpose_is_contiguous(tensor) == tensor.T.is_contiguous(), tensor.stride()
