@@ -100,11 +100,11 @@ def get_decode_attention(device_type: str, dtype: torch.dtype) -> DecodeAttentio
 
 def fused_cpu_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                                meta: AttentionMetadata, scale: float,
-                               portable_lanes: bool = False) -> torch.Tensor:
+                               lanes: str = "native") -> torch.Tensor:
     """One query token per sequence, read from the paged cache in place (cpu_attention.cpp).
     The kernel takes q in the cache's dtype or float32; any other pairing computes in float32."""
     query = q if q.dtype in (torch.float32, key_cache.dtype) else q.float()
-    out = load_extension(portable_lanes).paged_decode_attention(
+    out = load_extension(lanes).paged_decode_attention(
         query.contiguous(), key_cache, value_cache, meta.decode_block_tables,
         meta.decode_context_lens, scale)
     return out.to(q.dtype)

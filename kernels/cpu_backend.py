@@ -24,8 +24,8 @@ from .slot_tables import NUM_FIELDS, TablesPerPool
 class CpuBackend:
     name = "cpu"
 
-    def __init__(self, portable_lanes: bool = False) -> None:
-        self.kernel = load_extension(portable_lanes)  # compiled (or loaded) once, at selection
+    def __init__(self, lanes: str = "native") -> None:
+        self.kernel = load_extension(lanes)  # compiled (or loaded) once, at selection
         if self.kernel.NUM_FIELDS != NUM_FIELDS:
             raise RuntimeError(f"stale kernel build: {self.kernel.NUM_FIELDS} table fields, "
                                f"expected {NUM_FIELDS}")

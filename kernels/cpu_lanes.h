@@ -1,7 +1,10 @@
 // Lanes: kLanes floats, loaded and stored with a count of valid lanes so tails need no scalar
-// loop. One AVX-512 register where the build has AVX-512, else a portable array (the build with
-// -DPROLORA_PORTABLE_LANES, which tests also check on AVX-512 machines). Weights and caches may
-// be float32, bfloat16 or float16; loads widen them to float32 in registers.
+// loop. One AVX-512 register where the build has AVX-512, else two AVX2 registers where it has
+// AVX2 + FMA + F16C (AMD EPYC before Zen 4, older Intel), else a portable array. Builds choose
+// with flags (cpu_extension.py: -mno-avx512f for the AVX2 lanes on an AVX-512 machine,
+// -DPROLORA_PORTABLE_LANES for the array), so tests check every kind against the references on
+// one machine. Weights and caches may be float32, bfloat16 or float16; loads widen them to
+// float32 in registers.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -77,6 +80,98 @@ inline Lanes exp_lanes(Lanes x) {
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
   return {_mm512_scalef_ps(y, n)};
 }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(PROLORA_PORTABLE_LANES)
+struct Lanes {
+  __m256 lo, hi;  // lanes 0-7, 8-15
+};
+constexpr int64_t kHalfLanes = 8;
+// All-ones in the first `valid` (clamped to 0..8) of eight 32-bit lanes.
+inline __m256i first_lanes(int64_t valid) {
+  const int count = static_cast<int>(std::clamp<int64_t>(valid, 0, kHalfLanes));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline Lanes zero_lanes() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline Lanes splat_lanes(float a) { return {_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
+inline Lanes load_lanes(const float* p, int64_t valid) {
+  if (valid >= kLanes) return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + kHalfLanes)};
+  return {_mm256_maskload_ps(p, first_lanes(valid)),
+          _mm256_maskload_ps(p + kHalfLanes, first_lanes(valid - kHalfLanes))};
+}
+// 16-bit values: AVX2 has no masked 16-bit load, so a tail is copied into zeros first.
+inline __m256i load_16bit(const void* p, int64_t valid) {
+  if (valid >= kLanes) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  alignas(32) uint16_t tail[kLanes] = {};
+  std::copy_n(static_cast<const uint16_t*>(p), std::max<int64_t>(valid, 0), tail);
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+}
+inline Lanes load_lanes(const c10::BFloat16* p, int64_t valid) {
+  const __m256i raw = load_16bit(p, valid);
+  const auto widen = [](__m128i half) {  // bfloat16 is the top half of a float32
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+  };
+  return {widen(_mm256_castsi256_si128(raw)), widen(_mm256_extracti128_si256(raw, 1))};
+}
+inline Lanes load_lanes(const Half16* p, int64_t valid) {
+  const __m256i raw = load_16bit(p, valid);
+  return {_mm256_cvtph_ps(_mm256_castsi256_si128(raw)),
+          _mm256_cvtph_ps(_mm256_extracti128_si256(raw, 1))};
+}
+inline Lanes load_lanes_or(const float* p, int64_t valid, float fill) {
+  if (valid >= kLanes) return load_lanes(p, valid);
+  const __m256i lo = first_lanes(valid), hi = first_lanes(valid - kHalfLanes);
+  const __m256 fills = _mm256_set1_ps(fill);
+  return {_mm256_blendv_ps(fills, _mm256_maskload_ps(p, lo), _mm256_castsi256_ps(lo)),
+          _mm256_blendv_ps(fills, _mm256_maskload_ps(p + kHalfLanes, hi), _mm256_castsi256_ps(hi))};
+}
+inline void store_lanes(float* p, Lanes a, int64_t valid) {
+  if (valid >= kLanes) {
+    _mm256_storeu_ps(p, a.lo);
+    _mm256_storeu_ps(p + kHalfLanes, a.hi);
+    return;
+  }
+  _mm256_maskstore_ps(p, first_lanes(valid), a.lo);
+  _mm256_maskstore_ps(p + kHalfLanes, first_lanes(valid - kHalfLanes), a.hi);
+}
+inline Lanes fma_lanes(Lanes a, Lanes b, Lanes acc) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, acc.lo), _mm256_fmadd_ps(a.hi, b.hi, acc.hi)};
+}
+inline Lanes fma_lanes(float a, Lanes b, Lanes acc) {
+  const __m256 splat = _mm256_set1_ps(a);
+  return {_mm256_fmadd_ps(splat, b.lo, acc.lo), _mm256_fmadd_ps(splat, b.hi, acc.hi)};
+}
+inline Lanes add_lanes(Lanes a, Lanes b) {
+  return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)};
+}
+inline Lanes max_lanes(Lanes a, Lanes b) {
+  return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)};
+}
+inline float sum_lanes(Lanes a) {
+  const __m256 eight = _mm256_add_ps(a.lo, a.hi);
+  __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+  four = _mm_add_ps(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(_mm_add_ss(four, _mm_movehdup_ps(four)));
+}
+inline float max_of_lanes(Lanes a) {
+  const __m256 eight = _mm256_max_ps(a.lo, a.hi);
+  __m128 four = _mm_max_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+  four = _mm_max_ps(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(_mm_max_ss(four, _mm_movehdup_ps(four)));
+}
+inline __m256 exp_eight(__m256 x) {
+  const __m256 clamped = _mm256_max_ps(x, _mm256_set1_ps(kExpFloor));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), clamped);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
+  // 2^n built in the exponent bits (no scalef in AVX2): n in [-126, 127] stays a normal float
+  const __m256i exponent = _mm256_cvtps_epi32(_mm256_min_ps(n, _mm256_set1_ps(127.f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(exponent, _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+inline Lanes exp_lanes(Lanes x) { return {exp_eight(x.lo), exp_eight(x.hi)}; }
 #else
 struct Lanes {
   float v[kLanes];

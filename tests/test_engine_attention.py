@@ -11,6 +11,7 @@ from prolora_serve.kernels.testing import assert_close_for_dtype
 from prolora_serve.kernels.attention import (fused_cpu_decode_attention, get_decode_attention,
                                              paged_attention, sdpa_decode_attention)
 from prolora_serve.kernels.reference import reference_attention
+from prolora_serve.kernels.cpu_extension import lane_builds_here
 from prolora_serve.kernels.metadata import SeqSlice, build_attention_metadata
 from prolora_serve.server.engine.kv_cache import KVCache
 
@@ -98,13 +99,14 @@ def test_fused_decode_single_and_odd_batches(rows: int) -> None:
 @given(group=st.integers(1, 10), kv_heads=st.integers(1, 3), head_dim=st.integers(1, 40),
        block_size=st.integers(1, 9), lens=st.lists(st.integers(1, 70), min_size=1, max_size=5),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       portable=st.booleans())
+       lanes=st.sampled_from(lane_builds_here()))
 def test_fused_decode_random_shapes(group: int, kv_heads: int, head_dim: int, block_size: int,
-                                    lens: list[int], dtype: torch.dtype, portable: bool) -> None:
-    """Both builds (AVX-512 lanes and the plain-C++ lanes of other machines) on random shapes."""
+                                    lens: list[int], dtype: torch.dtype, lanes: str) -> None:
+    """Every lane build this processor runs (native, AVX2 where it has AVX2, the plain-C++
+    lanes) on random shapes."""
     q, kv, meta = random_decode_step(group * kv_heads, kv_heads, head_dim, block_size, lens, dtype,
                                      seed=head_dim)
-    out = fused_cpu_decode_attention(q, kv.keys[0], kv.values[0], meta, 0.5, portable_lanes=portable)
+    out = fused_cpu_decode_attention(q, kv.keys[0], kv.values[0], meta, 0.5, lanes=lanes)
     assert_close_for_dtype(out, reference_attention(q, kv.keys[0], kv.values[0], meta, 0.5), dtype)
 
 

@@ -16,6 +16,7 @@ from prolora_serve.kernels import (NO_ADAPTER, AdapterContext, AdapterWeightPool
                                    get_backend)
 from prolora_serve.kernels.plan import SEGMENT_MIN_ROWS, build_module_plan, rotation_tables
 from prolora_serve.kernels.testing import assert_close_for_dtype
+from prolora_serve.kernels.cpu_extension import lane_builds_here
 
 MODULES = {"model.layers.0.self_attn.q_proj": (24, 36), "model.layers.0.mlp.down_proj": (13, 7)}
 # (r, u, m, n): u = 0, u = r, m = 1, R < m, dims not divisible by m or n.
@@ -255,11 +256,13 @@ def test_cpu_backend_serves_16bit_activations(activations: torch.dtype, kind: st
         assert_close_for_dtype(fast, expected, activations)
 
 
+@pytest.mark.parametrize("lanes", [lanes for lanes in lane_builds_here() if lanes != "native"])
 @settings(max_examples=25, deadline=None)
 @given(h=st.integers(1, 70), o=st.integers(1, 70), r=st.integers(1, 19), data=st.data())
-def test_portable_lanes_build_matches_reference(h: int, o: int, r: int, data) -> None:
-    """The plain-C++ lanes (machines without AVX-512) compute the same; ranks above the 8-rank
-    block and dims above the 16-float lanes exercise every loop."""
+def test_other_lane_builds_match_reference(lanes: str, h: int, o: int, r: int, data) -> None:
+    """The AVX2 lanes (AVX-512 left out of the build) and the plain-C++ lanes compute the same
+    as the reference; ranks above the 8-rank block and dims above the 16-float lanes exercise
+    every loop and tail."""
     from prolora_serve.kernels.cpu_backend import CpuBackend
 
     u = data.draw(st.integers(0, r))
@@ -270,7 +273,7 @@ def test_portable_lanes_build_matches_reference(h: int, o: int, r: int, data) ->
     slots = data.draw(st.lists(st.sampled_from([1, NO_ADAPTER]), min_size=1, max_size=9))
     x = torch.randn(len(slots), h)
     fast, expected = torch.zeros(len(slots), o), torch.zeros(len(slots), o, dtype=torch.float64)
-    CpuBackend(portable_lanes=True).apply(fast, x, pool, "layer.proj", build_adapter_batch(slots))
+    CpuBackend(lanes).apply(fast, x, pool, "layer.proj", build_adapter_batch(slots))
     get_backend("reference").apply(expected, x.double(), pool, "layer.proj", build_adapter_batch(slots))
     assert_close_for_dtype(fast, expected, torch.float32)
 
