@@ -81,7 +81,7 @@ def views_of(flat: torch.Tensor, places: Iterable[ViewPlace]) -> list[torch.Tens
     return [flat.as_strided(shape, strides, base + offset) for shape, strides, offset in places]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (tensors have no truth value); weakly referable
 class CompactAdapter:
     """A whole adapter: its config and the compact weights of every adapted module.
 

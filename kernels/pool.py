@@ -18,6 +18,7 @@ import torch
 from ..adapters.errors import AdapterFormatError
 from ..adapters.weights import (TENSOR_NAMES, CompactAdapter, CompactLinearWeights, ViewPlace,
                                 views_of)
+from .slot_tables import prepare_rows
 
 
 def kernel_layout(adapter: CompactAdapter, device: torch.device, dtype: torch.dtype) -> CompactAdapter:
@@ -83,7 +84,10 @@ class AdapterWeightPool:
     def layout(self, adapter: CompactAdapter) -> CompactAdapter:
         """The adapter in this pool's resident layout and dtype, in host memory (so a loader
         thread can prepare it; on the CPU this is the resident copy itself)."""
-        return kernel_layout(adapter, torch.device("cpu"), self.dtype)
+        laid_out = kernel_layout(adapter, torch.device("cpu"), self.dtype)
+        if self.device.type == "cpu":  # the resident copy itself: its table rows are known now
+            prepare_rows(laid_out)
+        return laid_out
 
     def host_layout(self, slot: int) -> CompactAdapter:
         """``slot``'s weights in host memory, in the resident layout (on the CPU: the resident

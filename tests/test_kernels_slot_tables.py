@@ -11,7 +11,8 @@ import torch
 
 from prolora_serve.kernels import AdapterWeightPool, build_adapter_batch, get_backend
 from prolora_serve.kernels.metadata import NO_ADAPTER
-from prolora_serve.kernels.slot_tables import SlotTables, _transpose_is_contiguous
+from prolora_serve.kernels import slot_tables
+from prolora_serve.kernels.slot_tables import SlotTables, _transpose_is_contiguous, adapter_rows
 from test_kernels import CONFIGS, MODULES, make_adapter
 
 # adapters targeting one or both modules, so a replacement may leave a module's row behind
@@ -113,3 +114,21 @@ def test_the_transpose_contiguity_check_agrees_with_torch(shape: tuple[int, int]
                   torch.zeros(cols, rows + 1).T[:rows]]
     for tensor in candidates:
         assert _transpose_is_contiguous(tensor) == tensor.T.is_contiguous(), tensor.stride()
+
+
+def test_a_cpu_pool_makes_table_rows_with_the_layout_and_the_install_writes_them() -> None:
+    """The loader's layout makes the rows (off the step thread); the step thread's sync writes
+    exactly those, and the tables equal tables built from scratch."""
+    pool = AdapterWeightPool(dtype=torch.float16)
+    tables = SlotTables(pool)
+    laid_out = pool.layout(make_adapter(8, 2, 4, 6, 16.0, seed=3))
+    prepared = slot_tables._prepared[laid_out]
+    fresh = adapter_rows(laid_out)
+    assert prepared.paths == fresh.paths
+    assert torch.equal(prepared.entries, fresh.entries) and torch.equal(prepared.scales, fresh.scales)
+    pool.install(5, laid_out)
+    tables.sync()
+    for row, path in enumerate(prepared.paths):
+        assert torch.equal(tables.entries[tables.index[path], 5], prepared.entries[row])
+    entries, scales = tables.rebuilt()
+    assert torch.equal(tables.entries, entries) and torch.equal(tables.scales, scales)
