@@ -12,7 +12,8 @@ request (a short chat prompt):
   the host tier (``--adapter-host-memory``) without a disk read;
 - ``under load``: ``--under-load`` cold requests (distinct adapters) while 16 requests on warm
   adapters keep streaming, alternating with warm requests as the baseline; p50/p99 added.
-Also the loader's own split (medians over 8 adapters): registry read + validation, layout, digest.
+Also the loader's own split (medians over 8 adapters): registry read + validation, layout, digest,
+and the step thread's install (with the fused CPU kernel's slot-table rows).
 Prints one JSON document, then a table.
 """
 
@@ -33,6 +34,7 @@ from ...adapters.config import ProLoRAConfig
 from ...adapters.format import save_adapter
 from ...adapters.registry import AdapterRegistry
 from ...adapters.weights import CompactAdapter
+from ...kernels.cpu_backend import CpuBackend
 from ...kernels.pool import resident_identity
 from .async_engine import AsyncLLMEngine
 from .bench import ALL_PROJECTIONS, ADAPTER_STD
@@ -68,6 +70,9 @@ async def ttft(engine: AsyncLLMEngine, request_id: str, prompt: str, adapter_id:
 def loader_split(registry: AdapterRegistry, engine: LLMEngine, adapter_ids: list[str]) -> dict[str, float]:
     """The loader's steps for each adapter, run in this thread; medians over the adapters."""
     pool = engine.runner.pool
+    backend = engine.runner.adapter_ctx.backend
+    # what the step thread does: the install and, for the fused CPU kernel, its slot-table rows
+    tables = backend.tables.of(pool) if isinstance(backend, CpuBackend) else None
     rows = []
     for adapter_id in adapter_ids:
         started = time.perf_counter()
@@ -80,8 +85,10 @@ def loader_split(registry: AdapterRegistry, engine: LLMEngine, adapter_ids: list
         digest = time.perf_counter()
         slot = max(pool.slots, default=-1) + 1
         pool.install(slot, laid_out)
-        pool.unload(slot)
+        if tables is not None:
+            tables.sync()
         done = time.perf_counter()
+        pool.unload(slot)
         rows.append({"read_validate_ms": 1e3 * (read - started), "layout_ms": 1e3 * (layout - read),
                      "digest_ms": 1e3 * (digest - layout), "install_ms": 1e3 * (done - digest)})
     split = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
