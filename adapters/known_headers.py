@@ -26,7 +26,7 @@ import torch
 from . import format as adapter_format
 from .config import LayerSpec, ProLoRAConfig
 from .state_dict import LinearShapes, tensor_key
-from .weights import TENSOR_NAMES, CompactAdapter, CompactLinearWeights, ViewPlace, views_of
+from .weights import TENSOR_NAMES, CompactAdapter, ViewPlace, views_of
 
 HEADER_LENGTH_BYTES = 8  # safetensors: little-endian u64 header length, then the JSON header
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
@@ -41,10 +41,10 @@ class _Structure:
     dtype: torch.dtype
     data_start: int  # bytes
     num_elements: int
-    # per module: its path, spec and where its A0, B0, Au, Bu lie among the data's elements
-    # (an omitted zero-size tensor at 0)
-    modules: tuple[tuple[str, LayerSpec], ...]
-    places: tuple[ViewPlace, ...]  # 4 per module, in module order
+    modules: tuple[tuple[str, LayerSpec], ...]  # path and spec, in the adapter's module order
+    # where each module's A0, B0, Au, Bu lie among the data's elements (4 per module, in
+    # module order; an omitted zero-size tensor at 0)
+    places: tuple[ViewPlace, ...]
 
     def build(self, data: bytearray) -> CompactAdapter | None:
         """The adapter as views of ``data``; None if a value is not finite or the data is not
@@ -55,10 +55,7 @@ class _Structure:
                                 offset=self.data_start)
         if not _all_finite(flat):
             return None
-        views = views_of(flat, self.places)
-        return CompactAdapter(self.config, {
-            path: CompactLinearWeights.of_known_shapes(spec, *views[4 * index:4 * index + 4])
-            for index, (path, spec) in enumerate(self.modules)})
+        return CompactAdapter.of_views(self.config, self.modules, views_of(flat, self.places))
 
 
 def _all_finite(flat: torch.Tensor) -> bool:

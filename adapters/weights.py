@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +90,15 @@ class CompactAdapter:
 
     config: ProLoRAConfig
     modules: dict[str, CompactLinearWeights] = field(default_factory=dict)
+
+    @classmethod
+    def of_views(cls, config: ProLoRAConfig, specs: Iterable[tuple[str, LayerSpec]],
+                 views: Sequence[torch.Tensor]) -> "CompactAdapter":
+        """From each module's path and spec, in order, and four views per module (A0, B0, Au,
+        Bu) whose shapes the layout they come from fixed (``of_known_shapes``)."""
+        return cls(config, {
+            path: CompactLinearWeights.of_known_shapes(spec, *views[4 * index:4 * index + 4])
+            for index, (path, spec) in enumerate(specs)})
 
     @property
     def num_params(self) -> int:

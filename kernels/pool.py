@@ -34,9 +34,8 @@ def kernel_layout(adapter: CompactAdapter, device: torch.device, dtype: torch.dt
     # adapter on all seven projections of a 30-layer model has 840 tensors.
     views = views_of(arena, _resident_places(sources))
     torch._foreach_copy_(views, sources)
-    return CompactAdapter(adapter.config, {
-        path: CompactLinearWeights.of_known_shapes(w.spec, *views[4 * index:4 * index + 4])
-        for index, (path, w) in enumerate(adapter.modules.items())})
+    return CompactAdapter.of_views(adapter.config,
+                                   ((path, w.spec) for path, w in adapter.modules.items()), views)
 
 
 def _resident_places(parts: list[torch.Tensor]) -> list[ViewPlace]:

@@ -41,8 +41,8 @@ def table_entry(weights: CompactLinearWeights) -> list[int]:
     if not (a0.is_contiguous() and au.is_contiguous() and _transpose_is_contiguous(b0)
             and _transpose_is_contiguous(bu)):
         raise ValueError("slot-table kernels read A0, B0^T, Au and Bu^T contiguous (pool layout)")
-    # a transpose starts where its tensor does: no transposed views are made (a load writes
-    # 210 rows on the step thread)
+    # a transpose starts where its tensor does: no transposed views are made (a load makes
+    # 210 rows)
     return [1, a0.data_ptr(), b0.data_ptr(), au.data_ptr(), bu.data_ptr(), *_dims(weights.spec)]
 
 
@@ -82,7 +82,8 @@ _prepared_lock = threading.Lock()
 
 def prepare_rows(adapter: CompactAdapter) -> None:
     """Make the table rows of an adapter laid out in place for a CPU pool, on the thread that
-    laid it out (the loader): 210 rows take ~3 ms, which the step thread's install then saves."""
+    laid it out (the loader): 210 rows take 1-3 ms here, which the step thread's install
+    then saves."""
     rows = adapter_rows(adapter)
     with _prepared_lock:
         _prepared[adapter] = rows
