@@ -8,8 +8,9 @@ the same base shapes would pass it too, unless a value is NaN or Inf. Adapters t
 recipe on one base model share their header up to the config's values, and identical configs
 are common (a product's thousands of per-customer adapters), so the engine's cold loads skip the
 Python-heavy checks of 840 tensors: the values are checked for finiteness in one pass and the
-tensors are views of the file's one buffer. Anything else (a header not seen yet, mixed dtypes,
-a non-finite value) takes the full path, whose errors name the culprit.
+adapter is the file's one buffer with the places of its tensors (``FlatAdapter``), which the
+pool lays out in one gather without making the 840 views. Anything else (a header not seen
+yet, mixed dtypes, a non-finite value) takes the full path, whose errors name the culprit.
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from pathlib import Path
 import torch
 
 from . import format as adapter_format
-from .config import LayerSpec, ProLoRAConfig
 from .state_dict import LinearShapes, tensor_key
-from .weights import TENSOR_NAMES, CompactAdapter, ViewPlace, views_of
+from .weights import TENSOR_NAMES, CompactAdapter, FlatAdapter, FlatLayout
 
 HEADER_LENGTH_BYTES = 8  # safetensors: little-endian u64 header length, then the JSON header
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
@@ -37,25 +37,18 @@ _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torc
 class _Structure:
     """What the full validation of one file found, for every file with the same header."""
 
-    config: ProLoRAConfig
     dtype: torch.dtype
     data_start: int  # bytes
-    num_elements: int
-    modules: tuple[tuple[str, LayerSpec], ...]  # path and spec, in the adapter's module order
-    # where each module's A0, B0, Au, Bu lie among the data's elements (4 per module, in
-    # module order; an omitted zero-size tensor at 0)
-    places: tuple[ViewPlace, ...]
+    layout: FlatLayout  # where each tensor lies among the data's elements
 
-    def build(self, data: bytearray) -> CompactAdapter | None:
-        """The adapter as views of ``data``; None if a value is not finite or the data is not
-        exactly as long as the header says."""
-        if len(data) != self.data_start + self.num_elements * _itemsize(self.dtype):
+    def build(self, data: bytearray) -> FlatAdapter | None:
+        """The adapter over ``data`` (its views are made on first use); None if a value is not
+        finite or the data is not exactly as long as the header says."""
+        count = self.layout.num_elements
+        if len(data) != self.data_start + count * _itemsize(self.dtype):
             return None
-        flat = torch.frombuffer(data, dtype=self.dtype, count=self.num_elements,
-                                offset=self.data_start)
-        if not _all_finite(flat):
-            return None
-        return CompactAdapter.of_views(self.config, self.modules, views_of(flat, self.places))
+        flat = torch.frombuffer(data, dtype=self.dtype, count=count, offset=self.data_start)
+        return FlatAdapter(self.layout, flat) if _all_finite(flat) else None
 
 
 def _all_finite(flat: torch.Tensor) -> bool:
@@ -106,8 +99,8 @@ def _structure_of(adapter: CompactAdapter, header: dict, data_start: int,
         modules.append((path, weights.spec))
     if used != len(entries):
         return None  # a tensor the adapter does not use
-    return _Structure(adapter.config, dtype, data_start, data_bytes // itemsize, tuple(modules),
-                      tuple(places))
+    return _Structure(dtype, data_start, FlatLayout(adapter.config, tuple(modules), tuple(places),
+                                                    data_bytes // itemsize))
 
 
 class KnownHeaders:

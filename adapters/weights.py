@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -127,3 +128,49 @@ class CompactAdapter:
                                                      dtype, std)
                    for path, (h, o) in linear_shapes.items() if config.targets(path)}
         return cls(config, modules)
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: caches are keyed by it
+class FlatLayout:
+    """Where every tensor of an adapter lies in one flat tensor: the config, each module's path
+    and spec in the adapter's order, and four places per module (A0, B0, Au, Bu; an omitted
+    zero-size tensor anywhere). Every one of the ``num_elements`` belongs to one tensor."""
+
+    config: ProLoRAConfig
+    modules: tuple[tuple[str, LayerSpec], ...]
+    places: tuple[ViewPlace, ...]
+    num_elements: int
+
+
+class FlatAdapter(CompactAdapter):
+    """A ``CompactAdapter`` whose tensors all lie in one flat tensor, at ``layout``'s places.
+
+    The module views (840 for all seven projections of a 30-layer model, a few microseconds
+    each) are made on first use of ``modules``, so a reader that only re-lays the data out (the
+    pool, from a file's buffer) never makes them; ``views`` passes them where they exist."""
+
+    def __init__(self, layout: FlatLayout, flat: torch.Tensor,
+                 views: Sequence[torch.Tensor] | None = None) -> None:
+        if flat.dim() != 1 or not flat.is_contiguous() or flat.numel() != layout.num_elements:
+            raise ValueError(f"a flat adapter needs one contiguous 1-D tensor of "
+                             f"{layout.num_elements} elements, got shape {tuple(flat.shape)}")
+        self.config = layout.config
+        self.layout = layout
+        self.flat = flat
+        if views is not None:
+            self.modules = self._of(views)
+
+    @cached_property
+    def modules(self) -> dict[str, CompactLinearWeights]:  # type: ignore[override]
+        return self._of(views_of(self.flat, self.layout.places))
+
+    def _of(self, views: Sequence[torch.Tensor]) -> dict[str, CompactLinearWeights]:
+        return CompactAdapter.of_views(self.config, self.layout.modules, views).modules
+
+    @property
+    def num_params(self) -> int:
+        return self.layout.num_elements
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.num_elements * self.flat.element_size()

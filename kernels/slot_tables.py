@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..adapters.config import LayerSpec
-from ..adapters.weights import CompactAdapter, CompactLinearWeights
+from ..adapters.weights import CompactAdapter, CompactLinearWeights, FlatAdapter, FlatLayout
 
 if TYPE_CHECKING:  # the pool makes rows ahead through prepare_rows
     from .pool import AdapterWeightPool
@@ -41,8 +41,7 @@ def table_entry(weights: CompactLinearWeights) -> list[int]:
     if not (a0.is_contiguous() and au.is_contiguous() and _transpose_is_contiguous(b0)
             and _transpose_is_contiguous(bu)):
         raise ValueError("slot-table kernels read A0, B0^T, Au and Bu^T contiguous (pool layout)")
-    # a transpose starts where its tensor does: no transposed views are made (a load makes
-    # 210 rows)
+    # a transpose starts where its tensor does: no transposed views are made
     return [1, a0.data_ptr(), b0.data_ptr(), au.data_ptr(), bu.data_ptr(), *_dims(weights.spec)]
 
 
@@ -53,10 +52,19 @@ def _dims(spec: LayerSpec) -> tuple[int, ...]:
 
 
 def _transpose_is_contiguous(tensor: torch.Tensor) -> bool:
-    """``tensor.T.is_contiguous()`` without making the view (size-1 dims have any stride)."""
-    rows, cols = tensor.shape
-    return tensor.numel() == 0 or ((cols == 1 or tensor.stride(1) == rows)
-                                   and (rows == 1 or tensor.stride(0) == 1))
+    """``tensor.T.is_contiguous()`` without making the view."""
+    return _is_column_major(tuple(tensor.shape), tensor.stride())
+
+
+def _is_row_major(shape: tuple[int, int], strides: tuple[int, int]) -> bool:
+    """Contiguous in row-major order (size-1 dims have any stride; empty tensors are)."""
+    rows, cols = shape
+    return not rows * cols or ((cols == 1 or strides[1] == 1) and (rows == 1 or strides[0] == cols))
+
+
+def _is_column_major(shape: tuple[int, int], strides: tuple[int, int]) -> bool:
+    rows, cols = shape
+    return not rows * cols or ((cols == 1 or strides[1] == rows) and (rows == 1 or strides[0] == 1))
 
 
 @dataclass(frozen=True)
@@ -69,10 +77,48 @@ class AdapterRows:
     scales: torch.Tensor
 
 
+_ADDRESS_FIELDS = slice(1, 5)  # A0, B0t, Au, But in TABLE_FIELDS
+
+
 def adapter_rows(adapter: CompactAdapter) -> AdapterRows:
+    """The rows of a laid-out adapter: for a ``FlatAdapter``, its layout's rows (cached, with
+    byte offsets) moved to its allocation's address in two tensor ops; else row by row."""
+    if isinstance(adapter, FlatAdapter):
+        template = _layout_rows(adapter.layout, adapter.flat.element_size())
+        entries = template.rows.entries.clone()
+        entries[:, _ADDRESS_FIELDS] += template.nonempty * adapter.flat.data_ptr()
+        return AdapterRows(template.rows.paths, entries, template.rows.scales)
     return AdapterRows(tuple(adapter.modules),
                        torch.tensor([table_entry(w) for w in adapter.modules.values()], dtype=torch.int64),
                        torch.tensor([w.spec.scale for w in adapter.modules.values()], dtype=torch.float32))
+
+
+@dataclass(frozen=True)
+class _RowTemplate:
+    """A layout's rows at address 0 (byte offsets), and which addresses move with the
+    allocation: an empty tensor's address is 0 (``data_ptr`` says so), wherever it lies."""
+
+    rows: AdapterRows
+    nonempty: torch.Tensor  # (modules, 4) int64, 1 where the tensor has elements
+
+
+@lru_cache(maxsize=64)
+def _layout_rows(layout: FlatLayout, itemsize: int) -> _RowTemplate:
+    """``table_entry`` of every module of an adapter laid out as ``layout``, at address 0."""
+    entries, nonempty = [], []
+    for index, (_, spec) in enumerate(layout.modules):
+        places = layout.places[4 * index:4 * index + 4]
+        if not (all(_is_row_major(shape, strides) for shape, strides, _ in places[::2])
+                and all(_is_column_major(shape, strides) for shape, strides, _ in places[1::2])):
+            raise ValueError("slot-table kernels read A0, B0^T, Au and Bu^T contiguous (pool layout)")
+        present = [int(rows * cols > 0) for (rows, cols), _, _ in places]
+        entries.append([1, *(at * itemsize * keep for (_, _, at), keep in zip(places, present)),
+                        *_dims(spec)])
+        nonempty.append(present)
+    rows = AdapterRows(tuple(path for path, _ in layout.modules),
+                       torch.tensor(entries, dtype=torch.int64).reshape(-1, NUM_FIELDS),
+                       torch.tensor([spec.scale for _, spec in layout.modules], dtype=torch.float32))
+    return _RowTemplate(rows, torch.tensor(nonempty, dtype=torch.int64).reshape(-1, 4))
 
 
 # Rows made ahead for adapters not yet installed (weakly: a dropped adapter takes its rows).
