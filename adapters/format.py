@@ -176,10 +176,15 @@ def _recorded_dims(metadata: Mapping[str, str]) -> dict[str, tuple[int, int]] | 
     return {path: (value[0], value[1]) for path, value in dims.items()}
 
 
-def read_file(path: Path) -> bytes:
-    """A file's bytes, or an AdapterFormatError saying why it cannot be read."""
+def read_file(path: Path) -> bytearray:
+    """A file's bytes, or an AdapterFormatError saying why it cannot be read. Writable and read
+    in place (one buffer, no copy): tensors are made over it (``torch.frombuffer``)."""
     try:
-        return path.read_bytes()
+        with open(path, "rb") as file:
+            data = bytearray(os.fstat(file.fileno()).st_size)
+            del data[file.readinto(data):]
+            data += file.read()  # grown since the size was taken
+            return data
     except OSError as err:
         raise AdapterFormatError(f"{path}: cannot read ({err.strerror or err})") from None
 

@@ -115,7 +115,7 @@ class KnownHeaders:
         self._lock = threading.Lock()
 
     def load(self, path: Path) -> CompactAdapter:
-        data = bytearray(adapter_format.read_file(path))
+        data = adapter_format.read_file(path)
         raw = _raw_header(data)
         seen = self._lookup(raw) if raw is not None else _Seen(False, None)
         adapter = seen.structure.build(data) if seen.structure is not None else None
