@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from .client import DEFAULT_URL, AsyncProloraClient
 
 BASE = "base"
+SELECT_BY = ("adapter", "model")
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper."
 
 
@@ -36,6 +37,10 @@ class LoadConfig:
     temperature: float = 0.0
     api_key: str | None = None
     ignore_eos: bool = False  # fixed-length outputs, for comparable runs
+    # how a request names its adapter: our ``adapter`` field, or ``model`` as vLLM and the
+    # OpenAI API do (both servers read ``model``); base rows then send ``base_model``, if any
+    select_by: str = "adapter"
+    base_model: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("concurrency", "requests", "max_tokens"):
@@ -43,10 +48,20 @@ class LoadConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.adapters:
             raise ValueError("adapters must name at least one adapter (or 'base')")
+        if self.select_by not in SELECT_BY:
+            raise ValueError(f"select_by must be one of {SELECT_BY}, got {self.select_by!r}")
 
     def adapter_for(self, index: int) -> str | None:
         name = self.adapters[index % len(self.adapters)]
         return None if name == BASE else name
+
+    def names(self, index: int) -> dict[str, str]:
+        """The ``adapter`` / ``model`` fields of request ``index`` (absent ones left out)."""
+        adapter = self.adapter_for(index)
+        if self.select_by == "adapter":
+            return {} if adapter is None else {"adapter": adapter}
+        model = self.base_model if adapter is None else adapter
+        return {} if model is None else {"model": model}
 
 
 @dataclass
@@ -108,7 +123,7 @@ async def _one(client: AsyncProloraClient, config: LoadConfig, index: int) -> Re
     start = time.perf_counter()
     ttft, tokens = None, 0
     try:
-        async for chunk in client.stream_completion(config.prompt, adapter=adapter,
+        async for chunk in client.stream_completion(config.prompt, **config.names(index),
                                                     max_tokens=config.max_tokens,
                                                     temperature=config.temperature,
                                                     ignore_eos=config.ignore_eos):
@@ -168,11 +183,16 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadConfig:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--ignore-eos", action="store_true",
                         help="always generate --max-tokens tokens (comparable runs)")
+    parser.add_argument("--select-by", choices=SELECT_BY, default="adapter",
+                        help="name the adapter in the adapter field or, as vLLM reads it, in model")
+    parser.add_argument("--base-model", default=None,
+                        help="with --select-by model: the model name sent on base rows")
     args = parser.parse_args(argv)
     adapters = tuple(a.strip() for a in args.adapters.split(",") if a.strip())
     try:
         return LoadConfig(args.url, args.concurrency, args.requests, adapters, args.prompt,
-                          args.max_tokens, args.temperature, args.api_key, args.ignore_eos)
+                          args.max_tokens, args.temperature, args.api_key, args.ignore_eos,
+                          args.select_by, args.base_model)
     except ValueError as err:
         parser.error(str(err))
 

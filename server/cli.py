@@ -165,6 +165,8 @@ BENCHMARKS = {
                  "LLaMA2-7B layer shapes: PRoLoRA r=32 u=4 against LoRA r=16 at 32 adapters"),
     "ray": ("prolora_serve.server.scaleout.bench",
             "Ray Serve scale-out: adapter loads and tokens/s, multiplexed vs plain routing"),
+    "http": ("prolora_serve.clients.bench_http",
+             "tokens/s over HTTP against vLLM-CPU: base only and N distinct adapters"),
 }
 
 

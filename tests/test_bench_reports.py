@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -76,3 +78,27 @@ def test_the_model_bench_times_each_step_with_and_without_distinct_adapters() ->
     step.apply("model.layers.0.self_attn.q_proj", x, y)
     assert y.abs().sum(dim=1).gt(0).all()  # every row's adapter adds a delta
     assert decode_step_times(loaded, batch=2, context=3, steps=3)[1] == []
+
+
+def test_the_http_bench_forms_ratios_per_round_and_ours_over_vllm_from_medians() -> None:
+    from prolora_serve.clients.bench_http import HttpBenchConfig, ServerRun, report, table
+
+    def server_run(name: str, base: list[float], mixed: list[float]) -> ServerRun:
+        run = ServerRun(name)
+        run.tokens_per_s = {"base": base, "mixed": mixed}
+        return run
+
+    runs = [server_run("prolora-serve", [300.0, 100.0, 310.0], [270.0, 95.0, 248.0]),  # .9 .95 .8
+            server_run("vllm-cpu", [340.0, 330.0, 350.0], [190.0, 180.0, 200.0]),
+            server_run("prolora-serve", [280.0, 290.0, 300.0], [260.0, 270.0, 250.0])]
+    result = report(HttpBenchConfig(vllm_python=Path("python")), runs)
+    assert [s["mixed_over_base"] for s in result["servers"]][0] == pytest.approx(0.9)
+    # ours / vLLM: each run of ours against vLLM's medians (340 base, 190 mixed)
+    assert result["ours_over_vllm"]["base"] == [pytest.approx(300 / 340, abs=1e-3),
+                                                pytest.approx(290 / 340, abs=1e-3)]
+    assert result["ours_over_vllm"]["mixed"] == [pytest.approx(248 / 190, abs=1e-3),
+                                                 pytest.approx(260 / 190, abs=1e-3)]
+    assert "ours / vLLM, base: 0.88x, 0.85x" in table(result)
+    assert "ours_over_vllm" not in report(HttpBenchConfig(), runs[:1])
+    with pytest.raises(ValueError):
+        HttpBenchConfig(dtype="nf4")  # vLLM-CPU has no NF4 to compare with

@@ -153,6 +153,27 @@ def test_loadgen_reports_throughput_and_percentiles(server, capsys) -> None:
     assert failing == 1 and json.loads(capsys.readouterr().out)["errors"] == 2
 
 
+def test_loadgen_can_name_adapters_in_the_model_field_as_vllm_reads_them(server, capsys) -> None:
+    with ProloraClient(server.url, admin_key=ADMIN_KEY) as client:
+        if "load-one" not in [a.id for a in client.list_adapters()]:
+            client.upload_adapter("load-one", server.single)
+    config = loadgen.LoadConfig(adapters=("base", "load-one"), select_by="model", base_model="b")
+    assert config.names(0) == {"model": "b"} and config.names(1) == {"model": "load-one"}
+    assert loadgen.LoadConfig(adapters=("base", "x")).names(1) == {"adapter": "x"}
+    assert loadgen.LoadConfig(adapters=("base",)).names(0) == {}
+    common = ["--url", server.url, "--requests", "4", "--adapters", "base,load-one",
+              "--max-tokens", "3", "--ignore-eos", "--select-by", "model"]
+    assert loadgen.main(common) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["output_tokens"] == 12 and summary["per_adapter"] == {"base": 2, "load-one": 2}
+    # base rows now name a model the server does not serve: those two fail, the adapter rows pass
+    assert loadgen.main([*common, "--base-model", "no-such-model"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["errors"] == 2 and summary["output_tokens"] == 6
+    with pytest.raises(ValueError, match="select_by"):
+        loadgen.LoadConfig(select_by="header")
+
+
 def test_percentile_matches_numpy() -> None:
     values = list(np.random.default_rng(0).random(37))
     for q in (0, 10, 50, 90, 99, 100):

@@ -97,7 +97,7 @@ def test_bench_is_one_command_group_forwarding_each_benchmarks_options(capsys) -
     own_option = {"kernels": "--pool-dtype", "engine": "--rss-counts", "model": "--batches",
                   "grammar": "--rows", "prefix": "--system-tokens", "cold-load": "--under-load", "demo-quality": "--threads", "param-efficiency": "--threads",
                   "registry": "--counts", "device": "--dry-run", "layers7b": "--layers",
-                  "ray": "--concurrency"}
+                  "ray": "--concurrency", "http": "--vllm-python"}
     assert set(cli.BENCHMARKS) == set(own_option)
     for name, option in own_option.items():
         with pytest.raises(SystemExit) as done:
