@@ -11,7 +11,8 @@ request (a short chat prompt):
 - ``host``: a device budget of 4 adapters cycled through 8: the evicted ones come back from
   the host tier (``--adapter-host-memory``) without a disk read;
 - ``under load``: ``--under-load`` cold requests (distinct adapters) while 16 requests on warm
-  adapters keep streaming, alternating with warm requests as the baseline; p50/p99 added.
+  adapters keep streaming, each followed by a warm request (its pair: p50/p99 added) and a
+  second warm one (the control: the same figures for a warm-warm pair, the noise floor).
 Also the loader's own split (medians over 8 adapters): registry read + validation, layout, digest,
 and the step thread's install (with the fused CPU kernel's slot-table rows).
 Prints one JSON document, then a table.
@@ -113,22 +114,30 @@ async def under_load(engine: AsyncLLMEngine, prompt: str, warm: list[str], cold:
     streams = [asyncio.create_task(_drain(engine, f"stream-{a}", prompt, a, delay=i * STAGGER_S))
                for i, a in enumerate(warm)]
     await asyncio.sleep(len(warm) * STAGGER_S + 1.0)  # all 16 streams are decoding
-    cold_ms, warm_ms = [], []
+    # Each cold request is followed by a warm one (its pair) and a second warm one (the control:
+    # a warm-warm pair shows how far two requests a moment apart differ with no load at all).
+    cold_ms, warm_ms, control_ms = [], [], []
     try:
         for i, adapter_id in enumerate(cold):
             cold_ms.append(1e3 * await ttft(engine, f"busy-cold-{i}", prompt, adapter_id))
             warm_ms.append(1e3 * await ttft(engine, f"busy-warm-{i}", prompt, warm[i % len(warm)]))
+            control_ms.append(1e3 * await ttft(engine, f"busy-control-{i}", prompt,
+                                               warm[(i + 1) % len(warm)]))
     finally:
         for task in streams:
             task.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
     added = sorted(c - w for c, w in zip(cold_ms, warm_ms))
+    control_added = sorted(c - w for c, w in zip(control_ms, warm_ms))
     return {"cold_ms_p50": statistics.median(cold_ms), "warm_ms_p50": statistics.median(warm_ms),
             "added_ms_p50": statistics.median(added), "added_ms_p99": _p99(added),
+            "control_added_ms_p50": statistics.median(control_added),
+            "control_added_ms_p99": _p99(control_added),
             # the streams' own prefills land on either kind of request: p99 against p99
             "cold_ms_p99": _p99(sorted(cold_ms)), "warm_ms_p99": _p99(sorted(warm_ms)),
+            "control_ms_p99": _p99(sorted(control_ms)),
             "count": len(added), "added_ms_worst": added[-5:], "cold_ms_in_order": cold_ms,
-            "warm_ms_in_order": warm_ms}
+            "warm_ms_in_order": warm_ms, "control_ms_in_order": control_ms}
 
 
 STAGGER_S = 0.25  # between the streams' starts: 16 of them spread over ~4 s of 64-token turns
@@ -215,8 +224,12 @@ def print_table(report: dict[str, Any]) -> None:
     busy = report["under_load"]
     print(f"{'disk, 16 streams (p50/p99)':<28} {busy['cold_ms_p50']:>18.1f} {busy['warm_ms_p50']:>13.1f} "
           f"{busy['added_ms_p50']:>5.1f}/{busy['added_ms_p99']:.1f}")
+    print(f"{'  control: warm after warm':<28} {'':>18} {'':>13} "
+          f"{busy['control_added_ms_p50']:>5.1f}/{busy['control_added_ms_p99']:.1f}")
     print(f"{'  TTFT p99: cold vs warm':<28} {busy['cold_ms_p99']:>18.1f} {busy['warm_ms_p99']:>13.1f} "
           f"{busy['cold_ms_p99'] - busy['warm_ms_p99']:>9.1f}")
+    print(f"{'  TTFT p99: control vs warm':<28} {busy['control_ms_p99']:>18.1f} {busy['warm_ms_p99']:>13.1f} "
+          f"{busy['control_ms_p99'] - busy['warm_ms_p99']:>9.1f}")
     print(f"host-tier installs: {report['host_hits']}; {report['dtype']}, {report['threads']} threads, "
           f"{busy['count']} cold loads under load")
 
