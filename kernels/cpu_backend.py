@@ -41,19 +41,17 @@ class CpuBackend:
         code = ELEMENT_TYPE_CODES.get(pool.dtype)
         if code is None or pool.device.type != "cpu":
             raise TypeError(f"the cpu backend reads float32/bfloat16/float16 CPU pools, not {pool.dtype}")
-        targeted = [(y, path) for y, path in zip(ys, module_paths, strict=True)
-                    if pool.module(path) is not None]
-        if not targeted:
+        if len(ys) != len(module_paths):
+            raise ValueError(f"{len(ys)} outputs for {len(module_paths)} module paths")
+        targeted = self.tables.of(pool).targeted(tuple(module_paths))
+        if not targeted.positions:
             return
-        tables = self.tables.of(pool)
-        views = [tables.module(path) for _, path in targeted]
         # The binding widens x to contiguous float32 and checks each y (contiguous float32). For
         # 16-bit activations (a bf16/fp16 base) the deltas are summed in float32, then added to
         # the 16-bit output once, as a float32 kernel would round them.
-        outputs = [y if y.dtype == torch.float32 else torch.zeros(y.shape, dtype=torch.float32)
-                   for y, _ in targeted]
-        self.kernel.gathered_apply(outputs, x, batch.row_slots, [e for e, _ in views],
-                                   [s for _, s in views], code)
-        for (y, _), out in zip(targeted, outputs):
-            if out is not y:
-                y.add_(out)
+        outputs = [ys[i] if ys[i].dtype == torch.float32 else torch.zeros(ys[i].shape, dtype=torch.float32)
+                   for i in targeted.positions]
+        self.kernel.gathered_apply(outputs, x, batch.row_slots, targeted.entries, targeted.scales, code)
+        for i, out in zip(targeted.positions, outputs):
+            if out is not ys[i]:
+                ys[i].add_(out)

@@ -34,6 +34,23 @@ def assert_tables_match_pool(tables: SlotTables) -> None:
     assert torch.equal(tables.scales, scales)
 
 
+# what fused calls ask for: modules sharing an input, one module, one nobody targets
+CALLS = (tuple(MODULES), ("model.layers.0.mlp.down_proj",), (*LATE_MODULE, "model.layers.9.mlp.up_proj"))
+
+
+def assert_targeted_matches_pool(tables: SlotTables) -> None:
+    """``targeted`` (cached between changes) names exactly the paths some resident adapter
+    targets, with the tables' current rows for them."""
+    for paths in CALLS:
+        found = tables.targeted(paths)
+        assert found.positions == tuple(i for i, p in enumerate(paths) if tables.pool.module(p) is not None)
+        entries, scales = tables.rebuilt()
+        for k, i in enumerate(found.positions):
+            row = tables.index[paths[i]]
+            assert found.entries[k].data_ptr() == tables.entries[row].data_ptr()
+            assert torch.equal(found.entries[k], entries[row]) and torch.equal(found.scales[k], scales[row])
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_incremental_sync_equals_tables_built_from_scratch(seed: int) -> None:
     rng = random.Random(seed)
@@ -48,7 +65,10 @@ def test_incremental_sync_equals_tables_built_from_scratch(seed: int) -> None:
             pool.load(rng.choice(free), random_adapter(rng, seed=100 * seed + step))
         if rng.random() < 0.7:  # sometimes several changes land between two syncs
             assert_tables_match_pool(tables)
+        if rng.random() < 0.5:  # before or after a sync
+            assert_targeted_matches_pool(tables)
     assert_tables_match_pool(tables)
+    assert_targeted_matches_pool(tables)
     assert tables.capacity >= max(pool.slots, default=0) + 1
 
 
