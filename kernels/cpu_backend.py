@@ -6,7 +6,8 @@ addresses and dims per resident adapter, ``slot_tables.py``; a load rewrites onl
 slot's rows), so a step copies no adapter weights and needs no per-step plan: the row -> slot
 map of the batch is the plan.
 Weights may be resident in float32, bfloat16 or float16 (converted in registers); activations
-are float32. Semantics are those of torch_backend.py; the float64 reference checks both.
+too (16-bit ones widened per row, their deltas added with one rounding). Semantics are those
+of torch_backend.py; the float64 reference checks both.
 """
 
 from __future__ import annotations
@@ -46,12 +47,8 @@ class CpuBackend:
         targeted = self.tables.of(pool).targeted(tuple(module_paths))
         if not targeted.positions:
             return
-        # The binding widens x to contiguous float32 and checks each y (contiguous float32). For
-        # 16-bit activations (a bf16/fp16 base) the deltas are summed in float32, then added to
-        # the 16-bit output once, as a float32 kernel would round them.
-        outputs = [ys[i] if ys[i].dtype == torch.float32 else torch.zeros(ys[i].shape, dtype=torch.float32)
-                   for i in targeted.positions]
-        self.kernel.gathered_apply(outputs, x, batch.row_slots, targeted.entries, targeted.scales, code)
-        for i, out in zip(targeted.positions, outputs):
-            if out is not ys[i]:
-                ys[i].add_(out)
+        # x and each y may be float32, bfloat16 or float16: the kernel widens 16-bit x rows and
+        # sums a 16-bit output's delta in float32 before adding it once, as a float32 kernel
+        # followed by y.add_(delta) would round it.
+        self.kernel.gathered_apply([ys[i] for i in targeted.positions], x, batch.row_slots,
+                                   targeted.entries, targeted.scales, code)

@@ -24,8 +24,9 @@ void gathered_apply(std::vector<torch::Tensor> ys, torch::Tensor x, torch::Tenso
                     int64_t weight_type) {
   TORCH_CHECK(ys.size() == tables.size() && ys.size() == scales.size(),
               "one output, table and scales per module");
-  x = x.to(torch::kFloat).contiguous();  // no copy when it already is
+  x = x.contiguous();  // no copy when it already is
   TORCH_CHECK(x.dim() == 2, "x must be (T, h)");
+  const ElementType x_type = element_type_of(x);
   TORCH_CHECK(row_slots.numel() == x.size(0) && row_slots.scalar_type() == torch::kLong &&
                   row_slots.is_contiguous(), "row_slots must be (T,) int64");
   TORCH_CHECK(weight_type >= prolora::kFloat32 && weight_type <= prolora::kFloat16,
@@ -33,17 +34,17 @@ void gathered_apply(std::vector<torch::Tensor> ys, torch::Tensor x, torch::Tenso
   std::vector<prolora::ModuleTable> modules;
   for (size_t j = 0; j < ys.size(); ++j) {
     const auto &y = ys[j], &table = tables[j], &scale = scales[j];
-    TORCH_CHECK(y.is_contiguous() && y.scalar_type() == torch::kFloat && y.dim() == 2 &&
-                    y.size(0) == x.size(0), "the cpu backend adds into contiguous float32 (T, o) outputs");
+    TORCH_CHECK(y.is_contiguous() && y.dim() == 2 && y.size(0) == x.size(0),
+                "the cpu backend adds into contiguous (T, o) outputs");
     TORCH_CHECK(table.dim() == 2 && table.size(1) == prolora::kNumFields && table.is_contiguous() &&
                     table.scalar_type() == torch::kLong, "table must be (S, ", prolora::kNumFields,
                 ") int64");
     TORCH_CHECK(scale.numel() == table.size(0) && scale.scalar_type() == torch::kFloat &&
                     scale.is_contiguous(), "scales must be (S,) float32");
-    modules.push_back({y.data_ptr<float>(), y.size(1), table.data_ptr<int64_t>(), table.size(0),
-                       scale.data_ptr<float>()});
+    modules.push_back({y.data_ptr(), element_type_of(y), y.size(1), table.data_ptr<int64_t>(),
+                       table.size(0), scale.data_ptr<float>()});
   }
-  prolora::gathered_apply(modules.data(), static_cast<int64_t>(modules.size()), x.data_ptr<float>(),
+  prolora::gathered_apply(modules.data(), static_cast<int64_t>(modules.size()), x.data_ptr(), x_type,
                           x.size(0), x.size(1), row_slots.data_ptr<int64_t>(),
                           static_cast<prolora::ElementType>(weight_type));
 }

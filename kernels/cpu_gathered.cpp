@@ -9,7 +9,10 @@
 //   y[t, i*cB + j] += scales[s] * ( sum_c B0t[c, j] * z[(c - i*sB) % R]
 //                                   + sum_q But[q, i*cB + j] * su[q] ) (i*cB + j < o)
 // Other rows (NO_ADAPTER, or an adapter that does not target this module) are left alone.
-// shapes: x (T, h) float32, each module's y (T, o) float32, table (S, kNumFields) int64 (weight
+// A float32 y accumulates in place; a 16-bit y gets its row's delta summed in float32 first and
+// then added once, y = round(y + delta), as torch's y.add_(float32 delta) rounds it.
+// shapes: x (T, h) and each module's y (T, o) float32, bfloat16 or float16 (each its own type,
+//         16-bit x widened to float32 per row), table (S, kNumFields) int64 (weight
 //         addresses and dims, see Field), scales (S) float32; row_slots (T) int64; A0 (R, cA),
 //         B0t (R, cB), Au (u, h), But (u, o) are contiguous, of the element type `weight_type`
 //         (float32, bfloat16 or float16), converted to float32 in registers.
@@ -159,9 +162,47 @@ void row_delta(const float* x, int64_t h, float* out, int64_t o, const Layer<W>&
   multi_axpy<W>(out, o, L.u, L.but, o, su);
 }
 
+// 16-bit activations: x rows widened to float32, deltas added into y with one rounding.
+template <typename T>
+void widen(const void* src, int64_t count, float* dst) {
+  const T* from = static_cast<const T*>(src);
+  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>(from[i]);
+}
+
+template <typename T>
+void add_rounded(void* dst, const float* delta, int64_t count) {
+  T* to = static_cast<T*>(dst);
+  for (int64_t i = 0; i < count; ++i) to[i] = static_cast<T>(static_cast<float>(to[i]) + delta[i]);
+}
+
+// Row t of x as float32: x itself when it is float32, else widened into `buffer`.
+inline const float* float_row(const void* x, ElementType type, int64_t t, int64_t h,
+                              std::vector<float>& buffer) {
+  if (type == kFloat32) return static_cast<const float*>(x) + t * h;
+  buffer.resize(h);
+  if (type == kBFloat16) widen<c10::BFloat16>(static_cast<const c10::BFloat16*>(x) + t * h, h, buffer.data());
+  else widen<Half16>(static_cast<const Half16*>(x) + t * h, h, buffer.data());
+  return buffer.data();
+}
+
 template <typename W>
-void apply_rows(const ModuleTable* modules, int64_t num_modules, const float* x, int64_t num_rows,
-                int64_t h, const int64_t* row_slots) {
+void add_row_delta(const float* x, int64_t h, const ModuleTable& module, int64_t t,
+                   const Layer<W>& layer, std::vector<float>& scratch, std::vector<float>& delta) {
+  const int64_t o = module.out_features;
+  scratch.resize(2 * layer.R + layer.u + 1);
+  if (module.y_type == kFloat32) {
+    row_delta(x, h, static_cast<float*>(module.y) + t * o, o, layer, scratch.data());
+    return;
+  }
+  delta.assign(o, 0.0f);
+  row_delta(x, h, delta.data(), o, layer, scratch.data());
+  if (module.y_type == kBFloat16) add_rounded<c10::BFloat16>(static_cast<c10::BFloat16*>(module.y) + t * o, delta.data(), o);
+  else add_rounded<Half16>(static_cast<Half16*>(module.y) + t * o, delta.data(), o);
+}
+
+template <typename W>
+void apply_rows(const ModuleTable* modules, int64_t num_modules, const void* x, ElementType x_type,
+                int64_t num_rows, int64_t h, const int64_t* row_slots) {
   // The table entry of row t for a module, or nullptr where the row has no adapter for it.
   auto entry_of = [&](const ModuleTable& module, int64_t slot) -> const int64_t* {
     if (slot < 0 || slot >= module.num_slots) return nullptr;
@@ -173,17 +214,16 @@ void apply_rows(const ModuleTable* modules, int64_t num_modules, const float* x,
   // 1.2-1.7x faster than one thread, kernels.bench with 2 threads). The modules of a row run
   // back to back, while its x is in L1.
   at::parallel_for(0, num_rows, kRowsPerThread, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch;
+    std::vector<float> scratch, x_row, delta;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slot = row_slots[t];
+      const float* xt = nullptr;  // widened on the row's first adapted module
       for (int64_t j = 0; j < num_modules; ++j) {
         const ModuleTable& module = modules[j];
         const int64_t* entry = entry_of(module, slot);
         if (entry == nullptr) continue;
-        const Layer<W> layer = layer_of<W>(entry, module.scales[slot]);
-        scratch.resize(2 * layer.R + layer.u + 1);
-        row_delta(x + t * h, h, module.y + t * module.out_features, module.out_features, layer,
-                  scratch.data());
+        if (xt == nullptr) xt = float_row(x, x_type, t, h, x_row);
+        add_row_delta(xt, h, module, t, layer_of<W>(entry, module.scales[slot]), scratch, delta);
       }
     }
   });
@@ -191,10 +231,10 @@ void apply_rows(const ModuleTable* modules, int64_t num_modules, const float* x,
 
 }  // namespace
 
-void gathered_apply(const ModuleTable* modules, int64_t num_modules, const float* x,
-                    int64_t num_rows, int64_t in_features, const int64_t* row_slots,
-                    ElementType weight_type) {
-  const auto args = std::make_tuple(modules, num_modules, x, num_rows, in_features, row_slots);
+void gathered_apply(const ModuleTable* modules, int64_t num_modules, const void* x,
+                    ElementType x_type, int64_t num_rows, int64_t in_features,
+                    const int64_t* row_slots, ElementType weight_type) {
+  const auto args = std::make_tuple(modules, num_modules, x, x_type, num_rows, in_features, row_slots);
   switch (weight_type) {
     case kFloat32: std::apply(apply_rows<float>, args); break;
     case kBFloat16: std::apply(apply_rows<c10::BFloat16>, args); break;

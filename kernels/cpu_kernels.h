@@ -15,16 +15,17 @@ enum Field : int64_t { kPresent, kA0, kB0t, kAu, kBut, kR, kU, kM, kN, kCA, kCB,
 
 // One adapted module of a gathered_apply call: its output rows and its slot table.
 struct ModuleTable {
-  float* y;  // (num_rows, out_features)
+  void* y;  // (num_rows, out_features) of y_type
+  ElementType y_type;
   int64_t out_features;
   const int64_t* table;  // (num_slots, kNumFields)
   int64_t num_slots;
   const float* scales;  // (num_slots,)
 };
 
-void gathered_apply(const ModuleTable* modules, int64_t num_modules, const float* x,
-                    int64_t num_rows, int64_t in_features, const int64_t* row_slots,
-                    ElementType weight_type);
+void gathered_apply(const ModuleTable* modules, int64_t num_modules, const void* x,
+                    ElementType x_type, int64_t num_rows, int64_t in_features,
+                    const int64_t* row_slots, ElementType weight_type);
 
 struct DecodeShape {
   int64_t num_seqs, q_heads, kv_heads, head_dim, block_size, table_width;

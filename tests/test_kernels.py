@@ -309,6 +309,37 @@ SHARED_INPUT = {"model.layers.5.self_attn.q_proj": (29, 36), "model.layers.5.sel
                 "model.layers.5.self_attn.v_proj": (29, 11)}
 
 
+@pytest.mark.parametrize("activations", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_16_bit_outputs_round_once_like_a_float32_delta_added_after(
+        activations: torch.dtype, pool_dtype: torch.dtype) -> None:
+    """16-bit x and y straight into the kernel: bit for bit the float32 kernel on x widened,
+    its delta then added with ``y.add_(delta)`` (one rounding per element); mixed y dtypes too."""
+    pool = AdapterWeightPool(dtype=pool_dtype)
+    for slot, (r, u, m, n) in enumerate(CONFIGS):
+        pool.load(slot, make_adapter(r, u, m, n, alpha=4.0, seed=slot, modules=SHARED_INPUT))
+    rows = 19
+    batch = build_adapter_batch(with_gaps(popularity("zipf", rows, len(CONFIGS), random.Random(1)),
+                                          random.Random(2)))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(rows, 29, generator=gen).to(activations)
+    paths = list(SHARED_INPUT)
+    dtypes = [activations, torch.float32, activations][:len(paths)]
+    ys = [torch.randn(rows, SHARED_INPUT[p][1], generator=gen).to(d) for p, d in zip(paths, dtypes)]
+    deltas = [torch.zeros(y.shape) for y in ys]
+    cpu = get_backend("cpu")
+    cpu.apply_many(deltas, x.float(), pool, paths, batch)
+    expected = [y.clone().add_(d) if y.dtype != torch.float32 else None for y, d in zip(ys, deltas)]
+    float_ys = [y.clone() for y in ys]
+    cpu.apply_many(ys, x, pool, paths, batch)
+    for index, (y, want, start) in enumerate(zip(ys, expected, float_ys)):
+        if want is None:  # a float32 output accumulates in place from its start values
+            cpu.apply_many([start], x.float(), pool, [paths[index]], batch)
+            want = start
+        assert torch.equal(y, want), paths[index]
+    assert any(d.abs().max() > 0 for d in deltas)
+
+
 @pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["distinct", "identical", "zipf", "skewed"])
 @pytest.mark.parametrize("rows", [1, 7, 33])
