@@ -321,8 +321,8 @@ class EngineConfig:
              "model's compute dtype)")
     adapter_backend: str = option(
         "auto", choices=ADAPTER_BACKENDS,
-        help="adapter kernels (auto: the fused C++ kernel on the CPU for float32, Triton on CUDA, "
-             "else torch; reference is the float64 check, slow)")
+        help="adapter kernels (auto: the fused C++ kernel on the CPU, for float32, bf16 and fp16 "
+             "activations; Triton on CUDA, else torch; reference is the float64 check, slow)")
     max_model_len: int = option(2048, parse=int, check=positive,
                                 help="most tokens per sequence (prompt + output)")
     max_queue: int = option(1024, parse=int, check=positive,
