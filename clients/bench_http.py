@@ -112,8 +112,8 @@ def write_adapters(model_dir: Path, count: int, scratch: Path) -> tuple[Path, li
         save_adapter(random_adapter(shapes, index), ours / f"ad{index}.safetensors", single_file=True)
         generator = torch.Generator().manual_seed(10_000 + index)
         lora = CompactAdapter.random(lora_config(), shapes, generator, std=ADAPTER_STD)
-        export_dense(lora, scratch / "lora" / f"ad{index}")
         lora_dirs.append(scratch / "lora" / f"ad{index}")
+        export_dense(lora, lora_dirs[-1])
     return ours, lora_dirs
 
 

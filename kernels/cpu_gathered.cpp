@@ -164,14 +164,12 @@ void row_delta(const float* x, int64_t h, float* out, int64_t o, const Layer<W>&
 
 // 16-bit activations: x rows widened to float32, deltas added into y with one rounding.
 template <typename T>
-void widen(const void* src, int64_t count, float* dst) {
-  const T* from = static_cast<const T*>(src);
-  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>(from[i]);
+void widen(const T* from, int64_t count, float* to) {
+  for (int64_t i = 0; i < count; ++i) to[i] = static_cast<float>(from[i]);
 }
 
 template <typename T>
-void add_rounded(void* dst, const float* delta, int64_t count) {
-  T* to = static_cast<T*>(dst);
+void add_rounded(T* to, const float* delta, int64_t count) {
   for (int64_t i = 0; i < count; ++i) to[i] = static_cast<T>(static_cast<float>(to[i]) + delta[i]);
 }
 
@@ -180,8 +178,8 @@ inline const float* float_row(const void* x, ElementType type, int64_t t, int64_
                               std::vector<float>& buffer) {
   if (type == kFloat32) return static_cast<const float*>(x) + t * h;
   buffer.resize(h);
-  if (type == kBFloat16) widen<c10::BFloat16>(static_cast<const c10::BFloat16*>(x) + t * h, h, buffer.data());
-  else widen<Half16>(static_cast<const Half16*>(x) + t * h, h, buffer.data());
+  if (type == kBFloat16) widen(static_cast<const c10::BFloat16*>(x) + t * h, h, buffer.data());
+  else widen(static_cast<const Half16*>(x) + t * h, h, buffer.data());
   return buffer.data();
 }
 
@@ -196,8 +194,8 @@ void add_row_delta(const float* x, int64_t h, const ModuleTable& module, int64_t
   }
   delta.assign(o, 0.0f);
   row_delta(x, h, delta.data(), o, layer, scratch.data());
-  if (module.y_type == kBFloat16) add_rounded<c10::BFloat16>(static_cast<c10::BFloat16*>(module.y) + t * o, delta.data(), o);
-  else add_rounded<Half16>(static_cast<Half16*>(module.y) + t * o, delta.data(), o);
+  if (module.y_type == kBFloat16) add_rounded(static_cast<c10::BFloat16*>(module.y) + t * o, delta.data(), o);
+  else add_rounded(static_cast<Half16*>(module.y) + t * o, delta.data(), o);
 }
 
 template <typename W>

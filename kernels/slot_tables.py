@@ -183,7 +183,6 @@ class SlotTables:
         self.entries[:modules, :slots] = old_entries
         self.scales[:modules, :slots] = old_scales
         self._views = {path: (self.entries[i], self.scales[i]) for path, i in self.index.items()}
-        self._targeted.clear()
         self.layout_version += 1
 
     def sync(self, extra_path: str | None = None) -> None:
