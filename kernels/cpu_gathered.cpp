@@ -133,33 +133,48 @@ inline void axpy_block(float* out, int64_t len, const W* const* rows, const floa
   }
 }
 
-// out[j] += sum_k coef[k] * rows[k * stride + j] for j < len, k < count.
+// out[j] += sum_k coef[k] * rows[k][j] for j < len, k < count (blocks of kBlock rows).
 template <typename W>
-void multi_axpy(float* out, int64_t len, int64_t count, const W* rows, int64_t stride, const float* coef) {
+void axpy_rows(float* out, int64_t len, int64_t count, const W* const* rows, const float* coef) {
   for (int64_t kb = 0; kb < count; kb += kBlock) {
-    const int64_t block = std::min(kBlock, count - kb);
-    const W* block_rows[kBlock];
-    for (int64_t k = 0; k < block; ++k) block_rows[k] = rows + (kb + k) * stride;
-    dispatch_up_to_8(block, [&](auto K) { axpy_block<W, K()>(out, len, block_rows, coef + kb); });
+    dispatch_up_to_8(std::min(kBlock, count - kb), [&](auto K) {
+      axpy_block<W, K()>(out, len, rows + kb, coef + kb);
+    });
   }
 }
 
-// Adds one row's delta into out (length o); scratch holds 2R + u floats.
+// Per-thread buffers of one row's delta: z (R), the expand's coefficients (R shared, then u
+// unshared) and its rows (B0^T's R rows, then the u rows of Bu^T at the chunk's offset).
 template <typename W>
-void row_delta(const float* x, int64_t h, float* out, int64_t o, const Layer<W>& L, float* scratch) {
-  float* z = scratch;
-  float* zrot = scratch + L.R;
-  float* su = scratch + 2 * L.R;
-  multi_dot<W>(x, L.m, L.cA, h, {L.a0, L.cA, L.R, L.R > 0 ? L.sA % L.R : 0}, z);
+struct RowScratch {
+  std::vector<float> z, coef;
+  std::vector<const W*> rows;
+  std::vector<float> x_row, delta;  // a widened 16-bit x row; a 16-bit output's float32 delta
+};
+
+// Adds one row's delta into out (length o). The expand of each output chunk takes B0^T's rows
+// and Bu^T's together, so every output element is read and written once: a second pass for
+// Bu^T would load runs that straddle the chunks' just-stored, unaligned ends, which the store
+// buffer cannot forward (5-9% of the kernel's time with the weights in cache).
+template <typename W>
+void row_delta(const float* x, int64_t h, float* out, int64_t o, const Layer<W>& L, RowScratch<W>& s) {
+  s.z.resize(L.R);
+  s.coef.resize(L.R + L.u);
+  s.rows.resize(L.R + L.u);
+  float* su = s.coef.data() + L.R;
+  multi_dot<W>(x, L.m, L.cA, h, {L.a0, L.cA, L.R, L.R > 0 ? L.sA % L.R : 0}, s.z.data());
   multi_dot<W>(x, 1, h, h, {L.au, h, L.u, 0}, su);
   for (int64_t q = 0; q < L.u; ++q) su[q] *= L.scale;
+  for (int64_t k = 0; k < L.R; ++k) s.rows[k] = L.b0t + k * L.cB;
+  // without shared ranks (u = r) the output is one chunk of Bu^T alone
+  const int64_t chunk = L.R > 0 ? L.cB : o, chunks = L.R > 0 ? L.n : 1;
   int64_t shift = 0;  // (i * sB) mod R
-  for (int64_t i = 0; i < L.n && L.R > 0 && i * L.cB < o; ++i) {
-    for (int64_t c = 0; c < L.R; ++c) zrot[c] = L.scale * z[c >= shift ? c - shift : c - shift + L.R];
-    shift = wrap(shift + L.sB % L.R, L.R);
-    multi_axpy<W>(out + i * L.cB, std::min(L.cB, o - i * L.cB), L.R, L.b0t, L.cB, zrot);
+  for (int64_t i = 0; i < chunks && i * chunk < o; ++i) {
+    for (int64_t c = 0; c < L.R; ++c) s.coef[c] = L.scale * s.z[c >= shift ? c - shift : c - shift + L.R];
+    if (L.R > 0) shift = wrap(shift + L.sB % L.R, L.R);
+    for (int64_t q = 0; q < L.u; ++q) s.rows[L.R + q] = L.but + q * o + i * chunk;
+    axpy_rows<W>(out + i * chunk, std::min(chunk, o - i * chunk), L.R + L.u, s.rows.data(), s.coef.data());
   }
-  multi_axpy<W>(out, o, L.u, L.but, o, su);
 }
 
 // 16-bit activations: x rows widened to float32, deltas added into y with one rounding.
@@ -185,15 +200,15 @@ inline const float* float_row(const void* x, ElementType type, int64_t t, int64_
 
 template <typename W>
 void add_row_delta(const float* x, int64_t h, const ModuleTable& module, int64_t t,
-                   const Layer<W>& layer, std::vector<float>& scratch, std::vector<float>& delta) {
+                   const Layer<W>& layer, RowScratch<W>& scratch) {
   const int64_t o = module.out_features;
-  scratch.resize(2 * layer.R + layer.u + 1);
   if (module.y_type == kFloat32) {
-    row_delta(x, h, static_cast<float*>(module.y) + t * o, o, layer, scratch.data());
+    row_delta(x, h, static_cast<float*>(module.y) + t * o, o, layer, scratch);
     return;
   }
+  std::vector<float>& delta = scratch.delta;
   delta.assign(o, 0.0f);
-  row_delta(x, h, delta.data(), o, layer, scratch.data());
+  row_delta(x, h, delta.data(), o, layer, scratch);
   if (module.y_type == kBFloat16) add_rounded(static_cast<c10::BFloat16*>(module.y) + t * o, delta.data(), o);
   else add_rounded(static_cast<Half16*>(module.y) + t * o, delta.data(), o);
 }
@@ -212,7 +227,7 @@ void apply_rows(const ModuleTable* modules, int64_t num_modules, const void* x, 
   // 1.2-1.7x faster than one thread, kernels.bench with 2 threads). The modules of a row run
   // back to back, while its x is in L1.
   at::parallel_for(0, num_rows, kRowsPerThread, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch, x_row, delta;
+    RowScratch<W> scratch;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slot = row_slots[t];
       const float* xt = nullptr;  // widened on the row's first adapted module
@@ -220,8 +235,8 @@ void apply_rows(const ModuleTable* modules, int64_t num_modules, const void* x, 
         const ModuleTable& module = modules[j];
         const int64_t* entry = entry_of(module, slot);
         if (entry == nullptr) continue;
-        if (xt == nullptr) xt = float_row(x, x_type, t, h, x_row);
-        add_row_delta(xt, h, module, t, layer_of<W>(entry, module.scales[slot]), scratch, delta);
+        if (xt == nullptr) xt = float_row(x, x_type, t, h, scratch.x_row);
+        add_row_delta(xt, h, module, t, layer_of<W>(entry, module.scales[slot]), scratch);
       }
     }
   });
