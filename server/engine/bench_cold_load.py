@@ -26,6 +26,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from ...adapters.weights import CompactAdapter
 from ...kernels.cpu_backend import CpuBackend
 from ...kernels.pool import resident_identity
 from .async_engine import AsyncLLMEngine
+from .startup_heap import CollectorPauses, freeze_startup_heap, thaw_startup_heap
 from .bench import ALL_PROJECTIONS, ADAPTER_STD
 from .engine import EngineConfig, LLMEngine
 from .loader import LoadedModel, load_base_model
@@ -191,13 +193,15 @@ async def run_async(loaded: LoadedModel, registry: AdapterRegistry, count: int, 
         engine.shutdown()
     engine = scenario_engine(loaded, registry, 256 << 20, 0)
     try:
-        loaded_ttft = await under_load(engine, prompt, ids[:16], ids[16:16 + busy])
+        with CollectorPauses() as pauses:
+            loaded_ttft = await under_load(engine, prompt, ids[:16], ids[16:16 + busy])
+        loaded_ttft["garbage_collector"] = pauses.summary()
     finally:
         engine.shutdown()
     return {"split": split, "cold": cold, "host": host, "host_hits": host_hits, "under_load": loaded_ttft}
 
 
-def run(dtype: str, adapters: int, busy: int) -> dict[str, Any]:
+def run(dtype: str, adapters: int, busy: int, gc_freeze: bool = True) -> dict[str, Any]:
     # the model loads on a passing thread and this one computes alone: the engine's step thread
     # is to hold the only OpenMP team (threads.py), as in the server
     threads = torch.get_num_threads()  # the step thread's pool
@@ -205,8 +209,12 @@ def run(dtype: str, adapters: int, busy: int) -> dict[str, Any]:
     confine_this_thread()
     with tempfile.TemporaryDirectory() as root:
         registry = make_registry(Path(root), loaded, max(adapters, 16 + busy))
-        report = asyncio.run(run_async(loaded, registry, adapters, busy))
-    report.update(dtype=dtype, threads=threads,
+        heap = asdict(freeze_startup_heap()) if gc_freeze else None  # as the server does
+        try:
+            report = asyncio.run(run_async(loaded, registry, adapters, busy))
+        finally:
+            thaw_startup_heap()
+    report.update(dtype=dtype, threads=threads, startup_heap_freeze=heap,
                   cold_added_ms_median=statistics.median(r["added_ms"] for r in report["cold"]),
                   host_added_ms_median=statistics.median(r["added_ms"] for r in report["host"]))
     return report
@@ -230,8 +238,11 @@ def print_table(report: dict[str, Any]) -> None:
           f"{busy['cold_ms_p99'] - busy['warm_ms_p99']:>9.1f}")
     print(f"{'  TTFT p99: control vs warm':<28} {busy['control_ms_p99']:>18.1f} {busy['warm_ms_p99']:>13.1f} "
           f"{busy['control_ms_p99'] - busy['warm_ms_p99']:>9.1f}")
+    collector = busy["garbage_collector"]
     print(f"host-tier installs: {report['host_hits']}; {report['dtype']}, {report['threads']} threads, "
-          f"{busy['count']} cold loads under load")
+          f"{busy['count']} cold loads under load; garbage collector under load: "
+          f"{collector['collections']} collections, longest {collector['longest_ms']:.1f} ms "
+          f"(start-up heap {'frozen' if report['startup_heap_freeze'] else 'not frozen'})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,10 +251,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapters", type=int, default=24)
     parser.add_argument("--under-load", type=int, default=100, help="cold loads while 16 requests stream")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                        help="leave the start-up heap to the garbage collector (the server freezes it)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = run(args.dtype, args.adapters, args.under_load)
+    report = run(args.dtype, args.adapters, args.under_load, args.gc_freeze)
     print(json.dumps(report, indent=2))
     print_table(report)
 
