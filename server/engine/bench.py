@@ -43,6 +43,7 @@ from ..config import ADAPTER_DTYPES
 from .engine import EngineConfig, LLMEngine
 from .loader import LoadedModel, load_base_model
 from .sampling import SamplingParams
+from .startup_heap import CollectorPauses, freeze_startup_heap, thaw_startup_heap
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUESTIONS = ("What is the capital of France?", "Explain photosynthesis in simple words.",
@@ -145,9 +146,10 @@ def engine_scenario(name: str, loaded: LoadedModel, registry: AdapterRegistry, c
     before = engine.stats()
     params = SamplingParams(max_tokens=cfg.tokens, temperature=0, ignore_eos=True)
     started = time.perf_counter()
-    for i, adapter_id in enumerate(adapter_ids):
-        engine.add_request(f"req{i}", texts[i], params, adapter_id)
-    generated = drain(engine)
+    with CollectorPauses() as pauses:
+        for i, adapter_id in enumerate(adapter_ids):
+            engine.add_request(f"req{i}", texts[i], params, adapter_id)
+        generated = drain(engine)
     seconds = time.perf_counter() - started
     after = engine.stats()
     steps = after.num_steps - before.num_steps
@@ -159,6 +161,7 @@ def engine_scenario(name: str, loaded: LoadedModel, registry: AdapterRegistry, c
                        {"resident_adapters": cache.num_resident if cache else 0,
                         "adapter_bytes": cache.used_bytes if cache else 0,
                         "preemptions": after.num_preemptions - before.num_preemptions,
+                        "garbage_collector": pauses.summary(),
                         "adapter_dtype": str(engine.runner.pool.dtype).removeprefix("torch.")})
 
 
@@ -229,11 +232,15 @@ def run_rounds(cfg: BenchConfig, registry: AdapterRegistry) -> list[list[Measure
     hits all scenarios alike and each round's ratios compare runs minutes apart at most."""
     models = {dtype: load_base_model(None, dtype) for dtype in cfg.dtypes}
     peers = [PeftPeer.build(cfg, dtype) for dtype in cfg.dtypes if dtype in PEFT_DTYPES] if cfg.peft else []
-    rounds = []
-    for _ in range(cfg.rounds):
-        runs = [engine_scenario(name, loaded, registry, cfg, ids, prompts(loaded.tokenizer, cfg.requests))
-                for loaded in models.values() for name, ids in scenario_plans(cfg.requests).items()]
-        rounds.append(runs + [peer.measure(cfg) for peer in peers])
+    freeze_startup_heap()  # as the server does once serving: no full collection walks the models
+    try:
+        rounds = []
+        for _ in range(cfg.rounds):
+            runs = [engine_scenario(name, loaded, registry, cfg, ids, prompts(loaded.tokenizer, cfg.requests))
+                    for loaded in models.values() for name, ids in scenario_plans(cfg.requests).items()]
+            rounds.append(runs + [peer.measure(cfg) for peer in peers])
+    finally:
+        thaw_startup_heap()
     return rounds
 
 
