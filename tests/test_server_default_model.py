@@ -41,7 +41,9 @@ def test_default_model_answers_and_an_adapter_changes_it(server, tmp_path) -> No
     shapes = server.app.state.registry.linear_shapes
     assert len(shapes) == 30 * 7
     path = tmp_path / "adapter.safetensors"
-    save_adapter(random_adapter(ADAPTER, shapes, seed=0, b_std=0.05), path, single_file=True)
+    # b_std 0.1 changes the answer from its first tokens; at 0.05 the one change was a near tie
+    # 13 tokens in ("Light" / "Love", logprobs 1e-3 apart), which float rounding order decides
+    save_adapter(random_adapter(ADAPTER, shapes, seed=0, b_std=0.1), path, single_file=True)
     with open(path, "rb") as handle:
         created = httpx.post(f"{server.url}/adapters", data={"name": "smol-demo"},
                              files={"file": handle}, timeout=120)
