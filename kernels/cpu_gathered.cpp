@@ -18,10 +18,10 @@
 //         (float32, bfloat16 or float16), converted to float32 in registers.
 //
 // Why this shape: mixed-adapter decode reads each row's own small weights once, so the cost is
-// instructions, not FLOPs. The shrink keeps kBlock rank accumulators of kLanes floats live in
-// registers across all m chunks (one horizontal sum per rank, not per chunk and rank); the
-// expand reads and writes each output run once per kBlock ranks. Reading the pool's tensors by
-// address means no per-step copies of adapter weights.
+// instructions and memory latency, not FLOPs. The shrink keeps kBlock rank accumulators of
+// kLanes floats live in registers across all m chunks (one horizontal sum per rank, not per
+// chunk and rank); the expand reads and writes each output run once per kBlock rows of B0t and
+// But together. Reading the pool's tensors by address means no per-step copies of weights.
 #include "cpu_kernels.h"
 #include "cpu_lanes.h"
 
@@ -155,7 +155,7 @@ struct RowScratch {
 // Adds one row's delta into out (length o). The expand of each output chunk takes B0^T's rows
 // and Bu^T's together, so every output element is read and written once: a second pass for
 // Bu^T would load runs that straddle the chunks' just-stored, unaligned ends, which the store
-// buffer cannot forward (5-9% of the kernel's time with the weights in cache).
+// buffer cannot forward (docs/BENCHMARKS.md, "the kernel's read order").
 template <typename W>
 void row_delta(const float* x, int64_t h, float* out, int64_t o, const Layer<W>& L, RowScratch<W>& s) {
   s.z.resize(L.R);
