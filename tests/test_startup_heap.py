@@ -10,7 +10,7 @@ import pytest
 
 from prolora_serve.server.config import ServerConfig
 from prolora_serve.server.engine.startup_heap import (CollectorPauses, freeze_startup_heap,
-                                                      thaw_startup_heap)
+                                                      frozen_startup_heap, thaw_startup_heap)
 
 
 class Node:
@@ -47,6 +47,15 @@ def test_frozen_cycles_are_freed_once_thawed(thawed) -> None:
     assert gc.get_freeze_count() == 0
     gc.collect()
     assert gone() is None
+
+
+def test_the_block_thaws_the_heap_even_when_it_raises(thawed) -> None:
+    with pytest.raises(RuntimeError):
+        with frozen_startup_heap() as heap:
+            assert gc.get_freeze_count() > 0 and heap.frozen_objects > 0
+            assert f"froze {heap.frozen_objects} start-up objects" in str(heap)
+            raise RuntimeError("stop")
+    assert gc.get_freeze_count() == 0
 
 
 def test_pauses_are_recorded_only_inside_the_block() -> None:

@@ -19,7 +19,7 @@ from prolora_serve.adapters.weights import CompactAdapter
 
 from ..config import ServerConfig
 from ..engine.client import EngineClient
-from ..engine.startup_heap import freeze_startup_heap, thaw_startup_heap
+from ..engine.startup_heap import frozen_startup_heap
 from ..engine.threads import confine_this_thread, run_on_passing_thread
 from . import adapters, chat, completions, dashboard, lora_adapters, metrics, models
 from .auth import require_api_key
@@ -89,18 +89,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     backends = runtime.engine.model.backends
     log.info("kernels: adapters %s, decode attention %s", backends.adapter, backends.decode_attention)
     state.started_at = time.time()
-    heap = freeze_startup_heap()
-    log.info("froze %d start-up objects for the garbage collector: a full collection %.1f ms "
-             "before, %.1f ms after", heap.frozen_objects, heap.full_collection_ms_before,
-             heap.full_collection_ms_after)
-    log.info("serving %s with %d registered adapters", state.model_name, len(runtime.registry))
-    try:
-        yield
-    finally:
-        state.stopping = True
-        await run_in_threadpool(runtime.engine.shutdown)
-        state.engine = None
-        thaw_startup_heap()
+    with frozen_startup_heap() as heap:  # thawed after shutdown, so that exit frees it
+        log.info("%s", heap)
+        log.info("serving %s with %d registered adapters", state.model_name, len(runtime.registry))
+        try:
+            yield
+        finally:
+            state.stopping = True
+            await run_in_threadpool(runtime.engine.shutdown)
+            state.engine = None
 
 
 def _require_key_on_v1(request: Request) -> None:

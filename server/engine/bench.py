@@ -43,7 +43,7 @@ from ..config import ADAPTER_DTYPES
 from .engine import EngineConfig, LLMEngine
 from .loader import LoadedModel, load_base_model
 from .sampling import SamplingParams
-from .startup_heap import CollectorPauses, freeze_startup_heap, thaw_startup_heap
+from .startup_heap import CollectorPauses, frozen_startup_heap
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUESTIONS = ("What is the capital of France?", "Explain photosynthesis in simple words.",
@@ -232,15 +232,12 @@ def run_rounds(cfg: BenchConfig, registry: AdapterRegistry) -> list[list[Measure
     hits all scenarios alike and each round's ratios compare runs minutes apart at most."""
     models = {dtype: load_base_model(None, dtype) for dtype in cfg.dtypes}
     peers = [PeftPeer.build(cfg, dtype) for dtype in cfg.dtypes if dtype in PEFT_DTYPES] if cfg.peft else []
-    freeze_startup_heap()  # as the server does once serving: no full collection walks the models
-    try:
-        rounds = []
+    rounds = []
+    with frozen_startup_heap():  # as the server does once serving: no full collection walks the models
         for _ in range(cfg.rounds):
             runs = [engine_scenario(name, loaded, registry, cfg, ids, prompts(loaded.tokenizer, cfg.requests))
                     for loaded in models.values() for name, ids in scenario_plans(cfg.requests).items()]
             rounds.append(runs + [peer.measure(cfg) for peer in peers])
-    finally:
-        thaw_startup_heap()
     return rounds
 
 

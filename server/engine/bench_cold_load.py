@@ -26,6 +26,7 @@ import json
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from ...adapters.weights import CompactAdapter
 from ...kernels.cpu_backend import CpuBackend
 from ...kernels.pool import resident_identity
 from .async_engine import AsyncLLMEngine
-from .startup_heap import CollectorPauses, freeze_startup_heap, thaw_startup_heap
+from .startup_heap import CollectorPauses, frozen_startup_heap
 from .bench import ALL_PROJECTIONS, ADAPTER_STD
 from .engine import EngineConfig, LLMEngine
 from .loader import LoadedModel, load_base_model
@@ -209,12 +210,9 @@ def run(dtype: str, adapters: int, busy: int, gc_freeze: bool = True) -> dict[st
     confine_this_thread()
     with tempfile.TemporaryDirectory() as root:
         registry = make_registry(Path(root), loaded, max(adapters, 16 + busy))
-        heap = asdict(freeze_startup_heap()) if gc_freeze else None  # as the server does
-        try:
+        with frozen_startup_heap() if gc_freeze else nullcontext() as heap:  # as the server does
             report = asyncio.run(run_async(loaded, registry, adapters, busy))
-        finally:
-            thaw_startup_heap()
-    report.update(dtype=dtype, threads=threads, startup_heap_freeze=heap,
+    report.update(dtype=dtype, threads=threads, startup_heap_freeze=heap and asdict(heap),
                   cold_added_ms_median=statistics.median(r["added_ms"] for r in report["cold"]),
                   host_added_ms_median=statistics.median(r["added_ms"] for r in report["host"]))
     return report

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -24,6 +26,11 @@ class HeapFreeze:
     frozen_objects: int
     full_collection_ms_before: float
     full_collection_ms_after: float
+
+    def __str__(self) -> str:
+        return (f"froze {self.frozen_objects} start-up objects for the garbage collector: a full "
+                f"collection {self.full_collection_ms_before:.1f} ms before, "
+                f"{self.full_collection_ms_after:.1f} ms after")
 
 
 def _full_collection_ms() -> float:
@@ -46,6 +53,15 @@ def thaw_startup_heap() -> None:
     they are then freed as usual (nanobind's extensions, triton's among them, report every
     instance still alive at exit as a leak)."""
     gc.unfreeze()
+
+
+@contextmanager
+def frozen_startup_heap() -> Iterator[HeapFreeze]:
+    """``freeze_startup_heap`` for the block, thawed when it ends however it ends."""
+    try:
+        yield freeze_startup_heap()
+    finally:
+        thaw_startup_heap()
 
 
 class CollectorPauses:

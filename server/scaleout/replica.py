@@ -142,9 +142,7 @@ class EngineReplica:
         log.info("engine replica %s (pid %d): %s", self.replica_id, os.getpid(), self.engine.model.name)
         # the step thread runs in this process, not the ingress's: its heap is frozen here
         heap = freeze_startup_heap()
-        log.info("engine replica %s: froze %d start-up objects (a full collection %.1f ms before, "
-                 "%.1f ms after)", self.replica_id, heap.frozen_objects,
-                 heap.full_collection_ms_before, heap.full_collection_ms_after)
+        log.info("engine replica %s: %s", self.replica_id, heap)
 
     def _routing_capacity(self) -> int:
         if self.max_adapters is None:
